@@ -1,0 +1,130 @@
+"""``workbench.quantize``: load, calibrate, quantize, evaluate, report. Every face calls this."""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, evaluation_windows
+from .engine import BlockQuantizer, EngineResult, PackedLayer, resolve_device
+from .errors import WorkbenchError
+from .evaluate import perplexity
+from .methods import method_spec
+from .models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from .quant.grid import GridConfig
+from .quant.solver import SolverConfig
+from .report import Report, check_writable
+
+
+@dataclass
+class QuantizeConfig:
+    model: str = DEFAULT_MODEL
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 64              # -1: one grid per output channel
+    symmetric: bool = False
+    grid_search: str = "minmax"       # or "mse"
+    calib: str = DEFAULT_CALIB        # wikitext2, a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]
+    calib_samples: int = 32
+    seqlen: int = 512
+    eval_text: str = DEFAULT_EVAL
+    eval_windows: int = 40            # 0: all windows; -1: skip evaluation
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 4               # sequences per forward chunk
+    max_blocks: int | None = None     # quantize only the first N blocks (quick looks)
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+
+    def grid(self) -> GridConfig:
+        return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                          search=self.grid_search)
+
+    def solver(self) -> SolverConfig:
+        base = method_spec(self.method).solver or SolverConfig()
+        return dataclasses.replace(base, damp=self.damp, act_order=self.act_order, block_size=self.block_size)
+
+    def validate(self):
+        self.grid()
+        method_spec(self.method)
+        if self.calib_samples < 1:
+            raise WorkbenchError(f"--calib-samples must be at least 1, got {self.calib_samples}")
+        if self.seqlen < 2:
+            raise WorkbenchError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.eval_windows < -1:
+            raise WorkbenchError(f"--eval-windows must be >= 0 (0 = all, -1 = skip), got {self.eval_windows}")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise WorkbenchError(f"--max-blocks must be at least 1, got {self.max_blocks}")
+        if not 0 <= self.damp < 1:
+            raise WorkbenchError(f"--damp must be in [0, 1), got {self.damp}")
+        resolve_device(self.device)
+
+
+@dataclass
+class QuantizeResult:
+    model: torch.nn.Module
+    tokenizer: object
+    report: Report
+    packed: dict[str, PackedLayer] = field(default_factory=dict)
+
+    def __iter__(self):   # model, report = workbench.quantize(...)
+        return iter((self.model, self.report))
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+
+
+def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None = None, on_event=None,
+             cancel=None, report_path=None, **overrides) -> QuantizeResult:
+    """Quantize ``config.model`` with ``config.method``; keyword overrides patch the config.
+
+    ``loaded`` reuses a model already in memory (it is modified in place). ``on_event`` gets an
+    ``engine.Event`` per layer; ``cancel`` (anything with ``is_set()``) stops between layers.
+    """
+    cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
+    cfg.validate()
+    if report_path is not None:
+        check_writable(report_path)
+    device = resolve_device(cfg.device)
+    loaded = loaded or load_model(cfg.model)
+    _check_group_size(loaded, cfg.grid())
+    tok = loaded.tokenizer
+    calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
+    evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(cfg.seed)
+
+    ppl_fp = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size)
+    loaded.model.to("cpu")
+    spec = method_spec(cfg.method)
+    engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
+                            cfg.batch_size, cfg.max_blocks, on_event, cancel)
+    t0 = time.perf_counter()
+    result: EngineResult = engine.run(calib)
+    quant_seconds = time.perf_counter() - t0
+    ppl_q = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size)
+    loaded.model.to("cpu")
+
+    report = Report(model=cfg.model, method=cfg.method,
+                    config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
+                            "device_resolved": str(device), "torch": torch.__version__},
+                    ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
+                    peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
+    if report_path is not None:
+        report.to_json(report_path)
+    return QuantizeResult(loaded.model, tok, report, result.packed)
+
+
+def _check_group_size(loaded: LoadedModel, grid: GridConfig):
+    """Refuse, before any work, a group size that does not divide some layer's input width."""
+    block = loaded.family.blocks(loaded.model)[0]
+    for kind in loaded.family.linears:
+        grid.group_width(loaded.family.linear(block, kind).in_features)

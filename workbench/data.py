@@ -1,0 +1,75 @@
+"""Calibration and evaluation token windows from text: shipped WikiText-2, a file, or a dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import WorkbenchError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_TEXTS = {
+    "wikitext2": ASSETS / "wikitext-2" / "valid.txt",          # calibration
+    "wikitext2-test": ASSETS / "wikitext-2" / "test.raw.txt",  # evaluation only
+}
+DEFAULT_CALIB = "wikitext2"
+DEFAULT_EVAL = "wikitext2-test"
+
+
+def load_text(source: str) -> str:
+    """``wikitext2``/``wikitext2-test``, a text file, or ``hf:NAME[:CONFIG[:SPLIT[:FIELD]]]``."""
+    if source in BUILTIN_TEXTS:
+        return BUILTIN_TEXTS[source].read_text(encoding="utf-8")
+    if source.startswith("hf:"):
+        return _dataset_text(*source[3:].split(":"))
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise WorkbenchError(f"text source {source!r} is not a file; use a text file path, "
+                             f"{', '.join(BUILTIN_TEXTS)}, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _dataset_text(name: str, config: str | None = None, split: str = "train", field: str = "text") -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise WorkbenchError("hf: text sources need the datasets package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # the hub client raises many types when offline or misspelt
+        raise WorkbenchError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): "
+                             f"{type(exc).__name__}; offline, only datasets in the local cache load") from None
+    if field not in ds.column_names:
+        raise WorkbenchError(f"dataset {name!r} has no column {field!r}; columns: {', '.join(ds.column_names)}")
+    return "\n\n".join(ds[field])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    if not text.strip():
+        raise WorkbenchError("the text is empty; give a text with content")
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokenizer, source: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens at random offsets drawn with ``seed``: ``[samples, seqlen]``."""
+    if samples < 1 or seqlen < 2:
+        raise WorkbenchError(f"need at least 1 calibration sample of 2 tokens, got {samples} x {seqlen}")
+    ids = tokenize(tokenizer, load_text(source))
+    if ids.numel() <= seqlen:
+        raise WorkbenchError(f"calibration text {source!r} has {ids.numel()} tokens, too short for windows "
+                             f"of {seqlen}; use a longer text or a smaller --seqlen")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(tokenizer, source: str, seqlen: int, windows: int) -> torch.Tensor:
+    """The first ``windows`` non-overlapping windows of ``seqlen`` tokens (0 = all): ``[n, seqlen]``."""
+    ids = tokenize(tokenizer, load_text(source))
+    available = ids.numel() // seqlen
+    if available == 0 or windows > available:
+        raise WorkbenchError(f"evaluation text {source!r} has {ids.numel()} tokens: {available} windows of "
+                             f"{seqlen}, fewer than the {windows} requested; lower --eval-windows or --seqlen")
+    n = available if windows == 0 else windows
+    return ids[: n * seqlen].view(n, seqlen)

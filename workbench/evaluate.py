@@ -1,0 +1,23 @@
+"""Perplexity of a causal LM over fixed token windows."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 4,
+               progress=None) -> float:
+    """exp of the mean next-token loss over all windows (each window scored on its own)."""
+    model.to(device)
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+        if progress is not None:
+            progress(min(i + batch_size, windows.shape[0]), windows.shape[0])
+    return math.exp(total / count)

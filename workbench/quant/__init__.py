@@ -1,0 +1,1 @@
+"""Quantization math: grids and solvers, pure functions over tensors."""

@@ -1,0 +1,127 @@
+"""Uniform integer grids: q(w) = s * (clamp(round(w / s) + z, 0, 2^b - 1) - z).
+
+A grid is computed over the last dimension of a tensor: a whole output row (per channel) or
+one group of input columns. Shapes: ``w[..., n] -> scale[..., 1], zero[..., 1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import WorkbenchError
+
+SEARCHES = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    bits: int = 4
+    group_size: int = 64          # input columns per group; -1 = one grid per output row
+    symmetric: bool = False
+    search: str = "minmax"        # "mse": shrink the range to minimise the |error|^norm
+    mse_steps: int = 80
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise WorkbenchError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise WorkbenchError(
+                f"group size must be a positive integer or -1 (per channel), got {self.group_size!r}")
+        if self.search not in SEARCHES:
+            raise WorkbenchError(f"unknown grid search {self.search!r}; choose one of {', '.join(SEARCHES)}")
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    def group_width(self, d_in: int) -> int:
+        """Columns per grid for a layer with ``d_in`` inputs; raises if groups do not tile it."""
+        if self.group_size == -1:
+            return d_in
+        if d_in % self.group_size:
+            raise WorkbenchError(
+                f"group size {self.group_size} does not divide the input width {d_in}; "
+                f"pick a divisor of {d_in} (e.g. {largest_divisor_at_most(d_in, self.group_size)}) "
+                f"or -1 for per-channel grids")
+        return self.group_size
+
+
+def largest_divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def minmax_params(w: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0):
+    """Scale and zero point covering ``shrink`` x the range of ``w`` over its last dim."""
+    lo = (w.amin(-1, keepdim=True) * shrink).clamp(max=0)
+    hi = (w.amax(-1, keepdim=True) * shrink).clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    span = hi - lo
+    # all-zero rows: any positive scale reproduces them exactly
+    scale = torch.where(span > 0, span / maxq, torch.ones_like(span))
+    if symmetric:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def mse_params(w: torch.Tensor, cfg: GridConfig):
+    """Grid search over shrunk ranges, keeping per row the one with the least |error|^norm."""
+    best_scale, best_zero = minmax_params(w, cfg.maxq, cfg.symmetric)
+    best_err = (fake_quantize(w, best_scale, best_zero, cfg.maxq) - w).abs().pow(cfg.mse_norm).sum(-1, keepdim=True)
+    for i in range(1, int(cfg.mse_max_shrink * cfg.mse_steps) + 1):
+        shrink = 1 - i / cfg.mse_steps
+        scale, zero = minmax_params(w, cfg.maxq, cfg.symmetric, shrink)
+        err = (fake_quantize(w, scale, zero, cfg.maxq) - w).abs().pow(cfg.mse_norm).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def find_params(w: torch.Tensor, cfg: GridConfig):
+    """Grid of each slice along the last dim of ``w`` (a row or a group)."""
+    if cfg.search == "mse":
+        return mse_params(w, cfg)
+    return minmax_params(w, cfg.maxq, cfg.symmetric)
+
+
+def grouped(w: torch.Tensor, width: int) -> torch.Tensor:
+    """View ``[..., d_in]`` as ``[..., d_in / width, width]``."""
+    return w.reshape(*w.shape[:-1], w.shape[-1] // width, width)
+
+
+def group_params(w: torch.Tensor, cfg: GridConfig):
+    """Per-group scale and zero for a weight ``[..., d_in]``: shapes ``[..., n_groups]``."""
+    scale, zero = find_params(grouped(w, cfg.group_width(w.shape[-1])), cfg)
+    return scale.squeeze(-1), zero.squeeze(-1)
+
+
+def expand_groups(p: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Per-group ``[..., n_groups]`` to per-column ``[..., d_in]``."""
+    return p.repeat_interleave(d_in // p.shape[-1], dim=-1)
+
+
+def rtn(w: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
+    """Round to nearest on a min/max (or MSE) grid: the floor every method must beat."""
+    scale, zero = group_params(w, cfg)
+    d_in = w.shape[-1]
+    return fake_quantize(w, expand_groups(scale, d_in), expand_groups(zero, d_in), cfg.maxq)

@@ -1,0 +1,221 @@
+"""One column-loop solver for GPTQ, BoA and TurboBoA.
+
+The objective is the Kronecker-factored loss ``tr(H_out dW H_in dW^T)`` with ``dW = W_hat - W``
+for each attention head (``H_out = I`` gives GPTQ's layer-wise loss). Weights are handled as
+``[B, R, C]``: B independent problems (heads, or 1 for a whole layer), R output rows each,
+C input columns. Rows are quantized ``rows_per_step`` at a time with GPTQ's column loop over
+``H_in``; rows not yet quantized are then compensated in closed form through ``H_out``.
+All B problems advance together as batched tensor operations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import GridConfig, expand_groups, fake_quantize, group_params, quantize_codes
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    damp: float = 0.01            # lambda in H += lambda * mean(diag H) * I
+    block_size: int = 128         # lazy-update block of columns (rounded to whole groups)
+    act_order: bool = False       # columns by descending diag(H_in), grids kept per original group
+    rows_per_step: int = 1        # with H_out: 1 = BoA (row by row), N > 1 = TurboBoA joint rows
+    grid_at_start: bool = False   # grids from the weights before any update (BoA); else when reached
+    refine_iters: int = 0         # coordinate-descent sweeps over the row scales after rounding
+    dx_alpha: float = 0.0         # strength of the correction for errors of earlier layers
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor   # [d_out, d_in] dequantized, on the grid
+    codes: torch.Tensor    # [d_out, d_in] integer codes (uint8)
+    scale: torch.Tensor    # [d_out, n_groups]
+    zero: torch.Tensor     # [d_out, n_groups]
+    loss: float            # tr(H_out dW H_in dW^T) on the undamped statistics
+
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Copy of ``H`` ([..., n, n]) with dead inputs set to 1 and ``damp * mean(diag)`` added."""
+    H = H.clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    diag[diag <= 0] = 1.0
+    diag += damp * diag.mean(-1, keepdim=True)
+    return H
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper ``U`` with ``H^-1 = U^T U``; its row j is the Cholesky row of ``(H[j:, j:])^-1``."""
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def kronecker_loss(dW: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
+    """``sum_b tr(H_out[b] dW[b] H_in[b] dW[b]^T)`` for ``dW [B, R, C]``."""
+    left = dW if H_out is None else H_out @ dW
+    return ((left @ H_in) * dW).sum()
+
+
+def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 grid: GridConfig, group_width: int, dynamic: bool, block_size: int) -> torch.Tensor:
+    """GPTQ's column loop on ``W [B, R, C]`` (updated in place) with ``U [B|1, C, C]``.
+
+    ``scale``/``zero`` are per column ``[B, R, C]``; with ``dynamic`` the slices of a group are
+    filled from the current (already updated) weights when its first column is reached.
+    Returns the quantized weights.
+    """
+    C = W.shape[-1]
+    Q = torch.empty_like(W)
+    bs = max(group_width, block_size // group_width * group_width) if group_width < C else block_size
+    for i1 in range(0, C, bs):
+        i2 = min(i1 + bs, C)
+        W1 = W[..., i1:i2]
+        U1 = U[..., i1:i2, i1:i2]
+        err = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic and group_width < C and col % group_width == 0:
+                s, z = group_params(W1[..., i:i + group_width], grid)
+                scale[..., col:col + group_width] = s
+                zero[..., col:col + group_width] = z
+            w = W1[..., i]
+            q = fake_quantize(w, scale[..., col], zero[..., col], grid.maxq)
+            Q[..., col] = q
+            e = (w - q) / U1[..., i, i].unsqueeze(-1)
+            W1[..., i:] -= e.unsqueeze(-1) * U1[..., i, i:].unsqueeze(-2)
+            err[..., i] = e
+        W[..., i2:] -= err @ U[..., i1:i2, i2:]
+    return Q
+
+
+def dx_corrected_target(W: torch.Tensor, H_in: torch.Tensor, cross: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Continuous optimum of ``||W X - W_hat X~||^2``: ``W (I + alpha dX X~^T H~^-1)``.
+
+    ``cross`` is ``E[dX X~^T]`` with the same scaling as ``H_in = E[X~ X~^T]`` (damped), so the
+    loss ``tr((W_hat - W*) H_in (W_hat - W*)^T)`` differs from the target's by a constant only:
+    running the column loop on ``W*`` is the same as folding the correction into it.
+    """
+    L = torch.linalg.cholesky(H_in)
+    correction = torch.cholesky_solve(cross.transpose(-1, -2), L).transpose(-1, -2)  # dX X~^T H~^-1
+    return W + alpha * (W @ correction)
+
+
+def refine_scales(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, W: torch.Tensor,
+                  H_in: torch.Tensor, H_out: torch.Tensor | None, group_width: int, sweeps: int) -> torch.Tensor:
+    """Coordinate descent on the row scales with the integer codes fixed.
+
+    With ``W_hat_r = s_r (c_r - z_r)`` the Kronecker loss is quadratic in row r's group scales:
+    ``h_rr * B_r H_in B_r^T s_r = B_r H_in (h_rr W_r - sum_{b != r} h_rb dW_b)^T``, where ``B_r``
+    places the row's centred codes in its groups. Each step solves it exactly, so the loss
+    never increases. Shapes: codes/W ``[B, R, C]``, scale/zero ``[B, R, G]``.
+    """
+    B, R, C = W.shape
+    G = scale.shape[-1]
+    centred = codes - expand_groups(zero, C)
+    scale = scale.clone()
+    W_hat = centred * expand_groups(scale, C)
+    eye = torch.eye(R, dtype=W.dtype, device=W.device).expand(B, R, R)
+    Ho = eye if H_out is None else H_out
+    for _ in range(sweeps):
+        for r in range(R):
+            d = centred[:, r]                                              # [B, C]
+            gram = (d.unsqueeze(-1) * H_in * d.unsqueeze(-2))              # [B, C, C]
+            gram = gram.reshape(B, G, group_width, G, group_width).sum((2, 4))
+            dW = W_hat - W
+            h_rr = Ho[:, r, r].unsqueeze(-1)                                # [B, 1]
+            others = (Ho[:, r].unsqueeze(-1) * dW).sum(1) - h_rr * dW[:, r]  # sum_{b != r} h_rb dW_b
+            rhs_cols = ((h_rr * W[:, r] - others).unsqueeze(1) @ H_in).squeeze(1)   # [B, C] (H_in symmetric)
+            rhs = (rhs_cols * d).reshape(B, G, group_width).sum(-1)
+            new = (torch.linalg.pinv(h_rr.unsqueeze(-1) * gram, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1)
+            # a group whose codes all sit on the zero point carries no information on its scale
+            keep = (gram.diagonal(dim1=-2, dim2=-1) > 0) & (new > 0)
+            scale[:, r] = torch.where(keep, new, scale[:, r])
+            W_hat[:, r] = centred[:, r] * expand_groups(scale[:, r], C)
+    return scale
+
+
+def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConfig = SolverConfig(),
+          H_out: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> SolveResult:
+    """Quantize ``W [d_out, d_in]`` minimising ``tr(H_out dW H_in dW^T)`` head by head.
+
+    ``H_in``: ``[d_in, d_in]`` shared, or ``[heads, d_in, d_in]`` one per head.
+    ``H_out``: ``None`` (layer-wise, GPTQ) or ``[heads, d_head, d_head]``.
+    ``cross``: ``E[dX X~^T]`` for the correction of inherited errors (``cfg.dx_alpha > 0``).
+    """
+    d_out, C = W.shape
+    heads = H_out.shape[0] if H_out is not None else (H_in.shape[0] if H_in.dim() == 3 else 1)
+    Wf = W.detach().to(torch.float32).reshape(heads, d_out // heads, C).clone()
+    Hi = H_in.to(torch.float32)
+    Hi = Hi if Hi.dim() == 3 else Hi.unsqueeze(0)
+    dead = Hi.diagonal(dim1=-2, dim2=-1) <= 0                               # [B|1, C]
+    Wf = Wf.masked_fill(dead.unsqueeze(1), 0.0)
+    Hd = damped(Hi, cfg.damp)
+    if cross is not None and cfg.dx_alpha > 0:
+        Wf = dx_corrected_target(Wf, Hd, cross.to(torch.float32).expand_as(Hd), cfg.dx_alpha)
+    target = Wf.clone()
+    gw = grid.group_width(C)
+
+    scale = torch.empty_like(Wf)
+    zero = torch.empty_like(Wf)
+    if cfg.grid_at_start or cfg.act_order or gw == C:
+        s, z = group_params(Wf, grid)
+        scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
+    dynamic_groups = not (cfg.grid_at_start or cfg.act_order)
+
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(Hd.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True).expand(heads, C)
+        Wf, scale, zero = (_permute_cols(t, perm) for t in (Wf, scale, zero))
+        Hd = _permute_sym(Hd.expand(heads, C, C), perm)
+    U_in = inverse_cholesky_upper(Hd)
+
+    if H_out is None:
+        Q = gptq_columns(Wf, U_in, scale, zero, grid, gw, dynamic_groups, cfg.block_size)
+    else:
+        Ho = damped(H_out.to(torch.float32), cfg.damp)
+        U_out = inverse_cholesky_upper(Ho)
+        Q = torch.empty_like(Wf)
+        R = Wf.shape[1]
+        step = max(1, cfg.rows_per_step)
+        for r0 in range(0, R, step):
+            r1 = min(r0 + step, R)
+            if dynamic_groups and gw == C:   # per-channel grid of the rows as they are now
+                s, z = group_params(Wf[:, r0:r1], grid)
+                scale[:, r0:r1], zero[:, r0:r1] = expand_groups(s, C), expand_groups(z, C)
+            rows = Wf[:, r0:r1].clone()
+            Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, gw,
+                                       dynamic_groups, cfg.block_size)
+            if r1 < R:
+                # closed-form minimiser over the remaining rows with the block fixed:
+                # W_rest += H_rr^-1 H_rb E_b = -(U_bb^-1 U_br)^T E_b
+                err = Wf[:, r0:r1] - Q[:, r0:r1]
+                M = torch.linalg.solve_triangular(U_out[:, r0:r1, r0:r1], U_out[:, r0:r1, r1:], upper=True)
+                Wf[:, r1:] -= M.transpose(-1, -2) @ err
+
+    if perm is not None:
+        inv = torch.argsort(perm, dim=-1)
+        Q, scale, zero = (_permute_cols(t, inv) for t in (Q, scale, zero))
+
+    scale_g, zero_g = scale[..., ::gw], zero[..., ::gw]
+    codes = quantize_codes(Q, scale, zero, grid.maxq)
+    if cfg.refine_iters > 0:
+        Hd_orig = damped(Hi, cfg.damp).expand(heads, C, C)
+        Ho_d = None if H_out is None else damped(H_out.to(torch.float32), cfg.damp)
+        scale_g = refine_scales(codes, scale_g, zero_g, target, Hd_orig, Ho_d, gw, cfg.refine_iters)
+        Q = (codes - expand_groups(zero_g, C)) * expand_groups(scale_g, C)
+
+    loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
+                          None if H_out is None else H_out.to(torch.float32))
+    return SolveResult(weight=Q.reshape(d_out, C), codes=codes.reshape(d_out, C).to(torch.uint8),
+                       scale=scale_g.reshape(d_out, -1), zero=zero_g.reshape(d_out, -1), loss=float(loss))
+
+
+def _permute_cols(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return t.gather(-1, perm.unsqueeze(1).expand_as(t))
+
+
+def _permute_sym(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    rows = H.gather(-2, perm.unsqueeze(-1).expand_as(H))
+    return rows.gather(-1, perm.unsqueeze(-2).expand_as(H))
