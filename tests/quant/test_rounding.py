@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.quant.grid import GridConfig, rtn
+from workbench.quant.rounding import (LearnedRounding, RoundingConfig, beta_at, learn_rounding,
+                                      optimize_rounding, rectified_sigmoid, rounding_regularizer)
+
+
+def correlated_problem(d_out=8, d_in=16, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g)
+    mix = torch.randn(d_in, d_in, generator=g)
+    x = mix @ torch.randn(d_in, n, generator=g)
+    h = x @ x.T / n
+    return w, h
+
+
+def layer_loss(w_hat, w, h):
+    """Relative layer error tr(dW H dW^T) / tr(W H W^T): order one, as the regularizer weight expects."""
+    dw = w_hat - w
+    return (dw @ h * dw).sum() / (w @ h * w).sum()
+
+
+def assert_on_grid(res, grid, shape):
+    assert res.weight.shape == shape
+    assert res.codes.dtype == torch.int32
+    assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= grid.maxq
+    width = res.codes.shape[1] // res.scale.shape[1]
+    scale = res.scale.repeat_interleave(width, 1)
+    zero = res.zero.repeat_interleave(width, 1)
+    torch.testing.assert_close(res.weight.reshape(res.codes.shape), scale * (res.codes.float() - zero),
+                               rtol=0, atol=1e-6)
+
+
+def test_rectified_sigmoid_and_regularizer():
+    v = torch.tensor([-20.0, 0.0, 20.0])
+    torch.testing.assert_close(rectified_sigmoid(v), torch.tensor([0.0, 0.5, 1.0]))
+    assert float(rounding_regularizer(torch.tensor([0.0, 1.0]), 2.0)) == 0.0
+    assert float(rounding_regularizer(torch.tensor([0.5]), 2.0)) == 1.0
+
+
+def test_beta_anneals_after_warmup():
+    cfg = RoundingConfig(iters=100, warmup=0.2)
+    assert beta_at(0, cfg) is None and beta_at(19, cfg) is None
+    assert beta_at(20, cfg) == pytest.approx(20.0)
+    assert beta_at(99, cfg) == pytest.approx(2.0, abs=0.3)
+    betas = [beta_at(s, cfg) for s in range(20, 100)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+
+
+def test_soft_start_reproduces_the_weight():
+    w, _ = correlated_problem()
+    grid = GridConfig(bits=4, group_size=-1)
+    r = LearnedRounding(w, grid)
+    # the soft start is W itself wherever W lies inside the clamp range (the rounded zero
+    # point can push the row's extremes just outside it)
+    inside = ((r.base + r.zero) >= 0) & ((r.base + r.zero + 1) <= grid.maxq)
+    assert float(inside.float().mean()) > 0.8
+    torch.testing.assert_close(r()[inside], w[inside], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_learned_rounding_ends_on_grid_and_beats_rtn(learn_scale):
+    w, h = correlated_problem()
+    grid = GridConfig(bits=3, group_size=-1)
+    cfg = RoundingConfig(iters=400, lr=5e-2, learn_scale=learn_scale, scale_lr=1e-3)
+    res, hist = learn_rounding(w, grid, lambda wq: layer_loss(wq, w, h), cfg)
+    assert_on_grid(res, grid, w.shape)
+    rtn_loss = float(layer_loss(rtn(w, grid), w, h))
+    assert hist.final_loss == pytest.approx(float(layer_loss(res.weight, w, h)), rel=1e-5)
+    assert hist.final_loss < 0.5 * rtn_loss
+    assert len(hist.loss) == cfg.iters and hist.beta[0] is None and hist.beta[-1] is not None
+
+
+def test_learned_scale_moves_and_codes_stay_put():
+    w, h = correlated_problem(seed=1)
+    grid = GridConfig(bits=2, group_size=-1)
+    r = LearnedRounding(w, grid, learn_scale=True)
+    s0 = r.scale.detach().clone()
+    base = r.base.clone()
+    optimize_rounding([r], lambda: layer_loss(r(), w, h),
+                      RoundingConfig(iters=300, lr=5e-2, learn_scale=True, scale_lr=1e-3))
+    assert not torch.allclose(r.scale.detach(), s0)
+    assert torch.equal(r.base, base)
+    assert r.hard
+    h_final = r.h()
+    assert_on_grid(r.result(), grid, w.shape)
+    # annealing leaves few soft values: the hard rounding barely changes the loss
+    assert float(((h_final > 0.05) & (h_final < 0.95)).float().mean()) < 0.1
+
+
+def test_grouped_conv_weight():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 8, 3, 3, generator=g)
+    grid = GridConfig(bits=4, group_size=24)
+    target = torch.randn(4, 8, 3, 3, generator=g) * 0.1 + w
+    res, _ = learn_rounding(w, grid, lambda wq: ((wq - target) ** 2).sum(), RoundingConfig(iters=50))
+    assert res.scale.shape == (4, 3)
+    assert_on_grid(res, grid, w.shape)
+
+
+def test_bad_configs_raise():
+    with pytest.raises(WorkbenchError, match="iterations"):
+        RoundingConfig(iters=0)
+    with pytest.raises(WorkbenchError, match="warmup"):
+        RoundingConfig(warmup=1.5)
+    with pytest.raises(WorkbenchError, match="group size"):
+        LearnedRounding(torch.randn(4, 10), GridConfig(bits=4, group_size=4))

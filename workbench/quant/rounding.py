@@ -1,0 +1,206 @@
+"""Learned rounding (AdaRound) with an optional learned step size, for any reconstruction loss.
+
+    W_hat = s * (clamp(floor(W / s0) + z + h(V), 0, maxq) - z)
+    h(V)  = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+
+The base integer floor(W / s0) is taken once from the starting grid s0 and stays fixed, so a
+learned step size s only stretches the codes (Genie-M) instead of re-rounding them. A
+regularizer sum(1 - |2h - 1|^beta), with beta annealed from 20 to 2, pushes every h to 0 or 1;
+at the end h is rounded, so the weight lies exactly on the grid.
+
+The optimizer knows nothing about where the loss comes from: a layer-wise loss from
+precomputed moments (aespa), a block's output error on calibration data (Genie-M, BRECQ), or
+anything else that is differentiable in the soft weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import WorkbenchError
+from .grid import GridConfig, expand_groups, group_params
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    iters: int = 1000
+    lr: float = 1e-2               # Adam on V
+    learn_scale: bool = False      # learn the step size s jointly (Genie-M)
+    scale_lr: float = 1e-4
+    # lambda in rec + lambda * sum(1 - |2h - 1|^beta); the regularizer is a sum over weights,
+    # so 0.01 suits a relative (order-one) reconstruction loss, not a raw sum of squares
+    reg_weight: float = 0.01
+    warmup: float = 0.2            # fraction of iterations without the regularizer
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    zeta: float = ZETA
+    gamma: float = GAMMA
+
+    def __post_init__(self):
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise WorkbenchError(f"rounding iterations must be a positive integer, got {self.iters!r}")
+        if not self.lr > 0 or not self.scale_lr > 0:
+            raise WorkbenchError(f"learning rates must be positive, got lr={self.lr}, scale_lr={self.scale_lr}")
+        if not 0 <= self.warmup < 1:
+            raise WorkbenchError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")
+        if self.reg_weight < 0:
+            raise WorkbenchError(f"regularizer weight must be >= 0, got {self.reg_weight}")
+        if not (self.gamma < 0 and self.zeta > 1):
+            raise WorkbenchError(f"the stretch needs gamma < 0 < 1 < zeta, got gamma={self.gamma}, zeta={self.zeta}")
+
+
+def rectified_sigmoid(v: torch.Tensor, zeta: float = ZETA, gamma: float = GAMMA) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0, 1)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor, zeta: float = ZETA, gamma: float = GAMMA) -> torch.Tensor:
+    """V with rectified_sigmoid(V) == h, for h strictly inside (0, 1)."""
+    p = ((h - gamma) / (zeta - gamma)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Zero when every h is 0 or 1; a large beta leaves h free except near 0.5."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def beta_at(step: int, cfg: RoundingConfig) -> float | None:
+    """Annealed beta, or None while the regularizer is still off (warmup)."""
+    start = int(cfg.warmup * cfg.iters)
+    if step < start:
+        return None
+    progress = (step - start) / max(cfg.iters - start, 1)
+    return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - progress)
+
+
+@dataclass
+class RoundedWeight:
+    """Hard-rounded result: ``weight == dequantize(codes, scale, zero)`` in the weight's shape."""
+    weight: torch.Tensor           # original shape
+    codes: torch.Tensor            # [d_out, d_in] integers in [0, maxq]
+    scale: torch.Tensor            # [d_out, n_groups]
+    zero: torch.Tensor             # [d_out, n_groups]
+
+
+class LearnedRounding(nn.Module):
+    """Soft (training) or hard (final) quantized view of one weight; rows are dim 0.
+
+    A conv weight [out, in, kh, kw] is seen as [out, in * kh * kw], so per-channel grids
+    (group_size=-1) are per output filter.
+    """
+
+    def __init__(self, weight: torch.Tensor, grid: GridConfig, learn_scale: bool = False,
+                 scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                 zeta: float = ZETA, gamma: float = GAMMA):
+        super().__init__()
+        w = weight.detach().reshape(weight.shape[0], -1).float()
+        self.shape = tuple(weight.shape)
+        self.grid, self.zeta, self.gamma = grid, zeta, gamma
+        self.d_in = w.shape[1]
+        grid.group_width(self.d_in)   # raises early if groups do not tile the row
+        if scale is None or zero is None:
+            scale, zero = group_params(w, grid)
+        scale = scale.detach().float().clone()
+        self.register_buffer("zero", zero.detach().float().clone())
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        s0 = expand_groups(scale, self.d_in)
+        ratio = w / s0
+        self.register_buffer("base", torch.floor(ratio))
+        # start where the soft weight equals W (inside the clamp range)
+        self.v = nn.Parameter(inverse_rectified_sigmoid(ratio - self.base, zeta, gamma))
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v, self.zeta, self.gamma)
+
+    def codes(self, hard: bool | None = None) -> torch.Tensor:
+        hard = self.hard if hard is None else hard
+        up = (self.h() >= 0.5).float() if hard else self.h()
+        return torch.clamp(self.base + expand_groups(self.zero, self.d_in) + up, 0, self.grid.maxq)
+
+    def forward(self, hard: bool | None = None) -> torch.Tensor:
+        scale = expand_groups(self.scale.clamp(min=1e-10), self.d_in)
+        w = scale * (self.codes(hard) - expand_groups(self.zero, self.d_in))
+        return w.reshape(self.shape)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return rounding_regularizer(self.h(), beta)
+
+    @torch.no_grad()
+    def result(self) -> RoundedWeight:
+        return RoundedWeight(weight=self.forward(hard=True).detach().clone(),
+                             codes=self.codes(hard=True).round().to(torch.int32),
+                             scale=self.scale.detach().clone().clamp(min=1e-10),
+                             zero=self.zero.clone())
+
+
+@dataclass
+class RoundingHistory:
+    loss: list = field(default_factory=list)        # reconstruction loss per iteration
+    reg: list = field(default_factory=list)         # regularizer per iteration (0 in warmup)
+    beta: list = field(default_factory=list)        # None in warmup
+    final_loss: float = math.nan                    # reconstruction loss after hard rounding
+    seconds: float = 0.0
+
+
+def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[], torch.Tensor],
+                      cfg: RoundingConfig, extra_params: Iterable[dict] = (),
+                      callback: Callable[[int, float], None] | None = None) -> RoundingHistory:
+    """Optimize the rounding (and step sizes) of ``rounders`` jointly on ``loss_fn``.
+
+    ``loss_fn()`` returns the reconstruction loss of the current soft weights; it reads them by
+    calling the rounders itself (e.g. inside quantized layers of a block), which is what lets
+    one optimizer serve layer-wise and block-wise losses. ``extra_params`` are Adam parameter
+    groups learned alongside (e.g. activation step sizes). Rounders end in hard mode.
+    """
+    t0 = time.perf_counter()
+    groups = [{"params": [r.v for r in rounders], "lr": cfg.lr}]
+    scales = [r.scale for r in rounders if isinstance(r.scale, nn.Parameter)]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr})
+    groups += [g for g in extra_params if g["params"]]
+    opt = torch.optim.Adam(groups)
+    hist = RoundingHistory()
+    for r in rounders:
+        r.hard = False
+    for step in range(cfg.iters):
+        opt.zero_grad(set_to_none=True)
+        rec = loss_fn()
+        beta = beta_at(step, cfg)
+        reg = sum(r.regularizer(beta) for r in rounders) if beta is not None else rec.new_zeros(())
+        (rec + cfg.reg_weight * reg).backward()
+        opt.step()
+        hist.loss.append(float(rec.detach()))
+        hist.reg.append(float(reg.detach()))
+        hist.beta.append(beta)
+        if callback is not None:
+            callback(step, hist.loss[-1])
+    for r in rounders:
+        r.hard = True
+    with torch.no_grad():
+        hist.final_loss = float(loss_fn())
+    hist.seconds = time.perf_counter() - t0
+    return hist
+
+
+def learn_rounding(weight: torch.Tensor, grid: GridConfig,
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor], cfg: RoundingConfig = RoundingConfig(),
+                   callback: Callable[[int, float], None] | None = None,
+                   ) -> tuple[RoundedWeight, RoundingHistory]:
+    """One weight, one loss of the quantized weight: ``loss_fn(W_hat) -> scalar``.
+
+    E.g. a layer-wise loss from moments, ``lambda w: ((w - W) @ H * (w - W)).sum()``.
+    """
+    r = LearnedRounding(weight, grid, learn_scale=cfg.learn_scale, zeta=cfg.zeta, gamma=cfg.gamma)
+    hist = optimize_rounding([r], lambda: loss_fn(r()), cfg, callback=callback)
+    return r.result(), hist
