@@ -60,34 +60,40 @@ def kronecker_loss(dW: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | N
 
 def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  grid: GridConfig, group_width: int, dynamic: bool, block_size: int) -> torch.Tensor:
-    """GPTQ's column loop on ``W [B, R, C]`` (updated in place) with ``U [B|1, C, C]``.
+    """GPTQ's column loop on ``W [B, R, C]`` with ``U [B|1, C, C]``; returns the quantized weights.
 
-    ``scale``/``zero`` are per column ``[B, R, C]``; with ``dynamic`` the slices of a group are
-    filled from the current (already updated) weights when its first column is reached.
-    Returns the quantized weights.
+    ``scale``/``zero`` are per column ``[B, R, C]``; with ``dynamic`` a group's slices are filled
+    (in place) from the current, already updated weights when its first column is reached.
     """
     C = W.shape[-1]
-    Q = torch.empty_like(W)
+    U = U.expand(W.shape[0], C, C)
+    # columns as contiguous rows: the rank-1 updates then stream through memory in order
+    Wt, st, zt = (t.transpose(1, 2).contiguous() for t in (W, scale, zero))
+    Q = torch.empty_like(Wt)
     bs = max(group_width, block_size // group_width * group_width) if group_width < C else block_size
     for i1 in range(0, C, bs):
         i2 = min(i1 + bs, C)
-        W1 = W[..., i1:i2]
-        U1 = U[..., i1:i2, i1:i2]
+        W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
         err = torch.empty_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
             if dynamic and group_width < C and col % group_width == 0:
-                s, z = group_params(W1[..., i:i + group_width], grid)
-                scale[..., col:col + group_width] = s
-                zero[..., col:col + group_width] = z
-            w = W1[..., i]
-            q = fake_quantize(w, scale[..., col], zero[..., col], grid.maxq)
-            Q[..., col] = q
-            e = (w - q) / U1[..., i, i].unsqueeze(-1)
-            W1[..., i:] -= e.unsqueeze(-1) * U1[..., i, i:].unsqueeze(-2)
-            err[..., i] = e
-        W[..., i2:] -= err @ U[..., i1:i2, i2:]
-    return Q
+                s, z = group_params(W1[:, i:i + group_width].transpose(1, 2), grid)
+                st[:, col:col + group_width] = s.transpose(1, 2)
+                zt[:, col:col + group_width] = z.transpose(1, 2)
+            w = W1[:, i]
+            q = fake_quantize(w, st[:, col], zt[:, col], grid.maxq)
+            Q[:, col] = q
+            e = (w - q).div_(U1[:, i, i].unsqueeze(-1))
+            err[:, i] = e
+            if i + 1 < i2 - i1:
+                W1[:, i + 1:].baddbmm_(U1[:, i, i + 1:].unsqueeze(-1), e.unsqueeze(1), alpha=-1)
+        if i2 < C:
+            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), err, alpha=-1)
+    if dynamic:
+        scale.copy_(st.transpose(1, 2))
+        zero.copy_(zt.transpose(1, 2))
+    return Q.transpose(1, 2)
 
 
 def dx_corrected_target(W: torch.Tensor, H_in: torch.Tensor, cross: torch.Tensor, alpha: float) -> torch.Tensor:
