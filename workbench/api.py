@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention_hessians import VALUE_OUTPUTS
 from .data import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, evaluation_windows
 from .engine import BlockQuantizer, EngineResult, PackedLayer, resolve_device
 from .errors import WorkbenchError
@@ -39,6 +40,13 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
+    # BoA / TurboBoA (None: the method's default)
+    rows_per_step: int | None = None  # rows of every head quantized jointly (1 = BoA)
+    dx_alpha: float | None = None     # strength of the correction for inherited errors (0 = off)
+    refine_iters: int | None = None   # coordinate-descent sweeps over the scales after rounding
+    grid_at_start: bool | None = None # grids from the initial weights instead of when a row is reached
+    value_output: str = "identity"    # value projection's output factor: identity or o_proj
+    measure_batches: int = 2          # calibration batches for the attention error of q/k/v
 
     def grid(self) -> GridConfig:
         return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
@@ -46,7 +54,10 @@ class QuantizeConfig:
 
     def solver(self) -> SolverConfig:
         base = method_spec(self.method).solver or SolverConfig()
-        return dataclasses.replace(base, damp=self.damp, act_order=self.act_order, block_size=self.block_size)
+        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "grid_at_start")
+                  if getattr(self, k) is not None}
+        return dataclasses.replace(base, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
+                                   **chosen)
 
     def validate(self):
         self.grid()
@@ -61,6 +72,17 @@ class QuantizeConfig:
             raise WorkbenchError(f"--max-blocks must be at least 1, got {self.max_blocks}")
         if not 0 <= self.damp < 1:
             raise WorkbenchError(f"--damp must be in [0, 1), got {self.damp}")
+        if self.rows_per_step is not None and self.rows_per_step < 1:
+            raise WorkbenchError(f"--rows-per-step must be at least 1, got {self.rows_per_step}")
+        if self.dx_alpha is not None and not 0 <= self.dx_alpha <= 1:
+            raise WorkbenchError(f"--dx-alpha must be in [0, 1], got {self.dx_alpha}")
+        if self.refine_iters is not None and self.refine_iters < 0:
+            raise WorkbenchError(f"--refine-iters must be >= 0, got {self.refine_iters}")
+        if self.value_output not in VALUE_OUTPUTS:
+            raise WorkbenchError(f"--value-output must be one of {', '.join(VALUE_OUTPUTS)}, got {self.value_output!r}")
+        if self.dx_alpha and not method_spec(self.method).fp_stream:
+            raise WorkbenchError(f"--dx-alpha needs the full-precision stream, which {self.method} does not run; "
+                                 f"use --method turboboa")
         resolve_device(self.device)
 
 
@@ -106,10 +128,11 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     loaded.model.to("cpu")
     spec = method_spec(cfg.method)
     engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
-                            cfg.batch_size, cfg.max_blocks, on_event, cancel)
+                            cfg.batch_size, cfg.max_blocks, on_event, cancel,
+                            options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches})
     t0 = time.perf_counter()
     result: EngineResult = engine.run(calib)
-    quant_seconds = time.perf_counter() - t0
+    quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
     ppl_q = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size)
     loaded.model.to("cpu")
 

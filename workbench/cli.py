@@ -35,6 +35,14 @@ def add_quantize_parser(sub):
     p.add_argument("--max-blocks", type=int, default=None, help="quantize only the first N blocks")
     p.add_argument("--damp", type=float, default=d.damp)
     p.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal (static groups)")
+    g = p.add_argument_group("BoA / TurboBoA")
+    g.add_argument("--rows-per-step", type=int, default=None, help="rows of every head quantized jointly (1 = BoA)")
+    g.add_argument("--dx-alpha", type=float, default=None, help="correction for errors of earlier layers, 0-1")
+    g.add_argument("--refine-iters", type=int, default=None, help="scale-refinement sweeps after rounding")
+    g.add_argument("--grid-at-start", default=None, action=argparse.BooleanOptionalAction,
+                   help="grids from the initial weights (BoA) or when each row is reached (TurboBoA)")
+    g.add_argument("--value-output", default=d.value_output, choices=["identity", "o_proj"],
+                   help="output factor of the value projection's Hessian")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_quantize)

@@ -14,10 +14,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .attention_hessians import AttentionHessians
 from .errors import Cancelled
 from .hessians import InputCovariance, relative_error
 from .methods import MethodSpec
 from .models import Family, Stage
+from .models.base import attend
 from .quant.grid import GridConfig, expand_groups, group_params, quantize_codes, rtn
 from .quant.solver import SolveResult, SolverConfig, kronecker_loss, solve
 from .report import LayerRecord
@@ -114,7 +116,8 @@ class BlockQuantizer:
         self.device, self.batch_size, self.max_blocks = device, batch_size, max_blocks
         self.on_event, self.cancel, self.options = on_event, cancel, options or {}
         self.geometry = family.geometry(model.config)
-        self.result = EngineResult(timings={"forward": 0.0, "statistics": 0.0, "solve": 0.0, "solve_qkv": 0.0})
+        self.result = EngineResult(timings={"forward": 0.0, "statistics": 0.0, "solve": 0.0, "solve_qkv": 0.0,
+                                            "measure": 0.0})
         self.done = 0
 
     # -- events ---------------------------------------------------------------------------
@@ -182,13 +185,50 @@ class BlockQuantizer:
             cov.add(st.x, None if stages_fp is None else stages_fp[i].x)
         extra_stats = self.stage_statistics(block, kinds, stages, ctx)
         self._tick("statistics", t0)
+        attention = kinds == self.family.attention_kinds
+        fp_weights = {k: self.family.linear(block, k).weight.data.clone() for k in kinds} if attention else None
         for kind in kinds:
             self.check_cancel()
-            self._quantize_layer(b, block, kind, cov, extra_stats.get(kind, {}))
+            record = self._quantize_layer(b, block, kind, cov, extra_stats.get(kind, {}))
+            if attention:
+                t1 = time.perf_counter()
+                record.extra["attn_rel_error"] = self.attention_error(block, kind, fp_weights, stages, ctx)
+                self._tick("measure", t1)
+            self.emit_finished(record)
 
     def stage_statistics(self, block, kinds, stages, ctx) -> dict:
-        """Method-specific statistics per layer kind (attention-aware Hessians), beyond ``H_in``."""
-        return {}
+        """Attention-aware Kronecker factors for q/k/v (BoA family), beyond the shared ``H_in``."""
+        if not self.method.attention_aware or kinds != self.family.attention_kinds:
+            return {}
+        attn = self.family.attention(block)
+        acc = AttentionHessians(self.geometry, stages[0].x.shape[1], stages[0].x.shape[-1], self.device,
+                                self.options.get("value_output", "identity"))
+        for st in stages:
+            q, k, _ = self.family.qkv(attn, st.x, ctx)
+            acc.add(st.x.float(), q.float(), k.float(), attn.scaling)
+        cos, sin = (None, None) if ctx is None else (ctx[0][0].float(), ctx[1][0].float())
+        return acc.finish(cos, sin, self.family.linear(block, "o").weight.data)
+
+    def attention_error(self, block, kind, fp_weights, stages, ctx) -> float:
+        """Relative error of the attention output (before o_proj) with only ``kind`` quantized."""
+        attn = self.family.attention(block)
+        n = max(1, min(len(stages), self.options.get("measure_batches", 2)))
+        layers = {k: self.family.linear(block, k) for k in fp_weights}
+        now = {k: l.weight.data for k, l in layers.items()}
+        num = den = 0.0
+        try:
+            for st in stages[:n]:
+                for k, l in layers.items():
+                    l.weight.data = fp_weights[k]
+                ref = attend(*self.family.qkv(attn, st.x, ctx), attn.scaling)
+                layers[kind].weight.data = now[kind]
+                out = attend(*self.family.qkv(attn, st.x, ctx), attn.scaling)
+                num += float((out - ref).pow(2).sum())
+                den += float(ref.pow(2).sum())
+        finally:
+            for k, l in layers.items():
+                l.weight.data = now[k]
+        return num / den if den > 0 else 0.0
 
     def _quantize_layer(self, b, block, kind, cov: InputCovariance, stats: dict):
         layer = self.family.linear(block, kind)
@@ -206,17 +246,21 @@ class BlockQuantizer:
         rel = relative_error(res.weight - W32, W32, H)
         layer.weight.data = res.weight.to(W.dtype)
         self.result.packed[name] = PackedLayer(res.codes.cpu(), res.scale.cpu(), res.zero.cpu())
-        record = LayerRecord(name=name, block=b, kind=kind, loss=res.loss, rel_error=rel, seconds=seconds,
-                             extra=dict(stats.get("report", {})))
+        record = LayerRecord(name=name, block=b, kind=kind, loss=res.loss, rel_error=rel, seconds=seconds)
         self.result.layers.append(record)
         self.done += 1
-        self.emit(kind="layer_finished", block=b, layer=name, layer_kind=kind, loss=res.loss,
-                  rel_error=rel, seconds=seconds)
+        return record
+
+    def emit_finished(self, record: LayerRecord):
+        self.emit(kind="layer_finished", block=record.block, layer=record.name, layer_kind=record.kind,
+                  loss=record.loss, rel_error=record.rel_error, seconds=record.seconds)
 
     def solve_layer(self, W, H, kind, cov: InputCovariance, stats: dict) -> SolveResult:
         if self.method.solver is None:
             return rtn_result(W, H, self.grid)
-        return solve(W, H, self.grid, self.solver, cross=cov.C)
+        H_in = stats.get("H_in", H)
+        return solve(W, H_in, self.grid, self.solver, H_out=stats.get("H_out"), cross=cov.C,
+                     cross_H=None if H_in is H else H)
 
 
 def rtn_result(W: torch.Tensor, H: torch.Tensor, grid: GridConfig) -> SolveResult:

@@ -19,6 +19,12 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "rtn": MethodSpec("rtn", "round to nearest: the floor every method must beat", None),
     "gptq": MethodSpec("gptq", "layer-wise, one column at a time with Hessian compensation", SolverConfig()),
+    "boa": MethodSpec("boa", "attention-aware Hessians for q/k/v, rows of all heads one at a time",
+                      SolverConfig(rows_per_step=1, grid_at_start=True), attention_aware=True),
+    "turboboa": MethodSpec("turboboa", "BoA with joint rows, inherited-error correction, adaptive grid "
+                           "and scale refinement",
+                           SolverConfig(rows_per_step=8, grid_at_start=False, refine_iters=2, dx_alpha=0.5),
+                           attention_aware=True, fp_stream=True),
 }
 
 

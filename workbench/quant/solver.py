@@ -110,45 +110,57 @@ def dx_corrected_target(W: torch.Tensor, H_in: torch.Tensor, cross: torch.Tensor
 
 def refine_scales(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, W: torch.Tensor,
                   H_in: torch.Tensor, H_out: torch.Tensor | None, group_width: int, sweeps: int) -> torch.Tensor:
-    """Coordinate descent on the row scales with the integer codes fixed.
+    """Exact coordinate descent on the row scales with the integer codes fixed.
 
     With ``W_hat_r = s_r (c_r - z_r)`` the Kronecker loss is quadratic in row r's group scales:
     ``h_rr * B_r H_in B_r^T s_r = B_r H_in (h_rr W_r - sum_{b != r} h_rb dW_b)^T``, where ``B_r``
-    places the row's centred codes in its groups. Each step solves it exactly, so the loss
-    never increases. Shapes: codes/W ``[B, R, C]``, scale/zero ``[B, R, G]``.
+    places the row's centred codes in its groups. Each step solves that system exactly, so the
+    loss never increases; a row whose solution would flip a scale's sign keeps its scales.
+    Without ``H_out`` rows are independent and one simultaneous step is exact.
+    Shapes: codes/W ``[B, R, C]``, H_in ``[B, C, C]``, scale/zero ``[B, R, G]``.
     """
     B, R, C = W.shape
     G = scale.shape[-1]
     centred = codes - expand_groups(zero, C)
+    # BH[b, r, g] = B_r H_in restricted to group g's rows: [B, R, G, C]; fixed since codes are
+    BH = torch.einsum("brga,bgac->brgc", centred.reshape(B, R, G, group_width),
+                      H_in.reshape(B, G, group_width, C))
+    gram = (BH.reshape(B, R, G, G, group_width) * centred.reshape(B, R, 1, G, group_width)).sum(-1)
+    empty = gram.diagonal(dim1=-2, dim2=-1) <= 0           # groups whose codes all sit on the zero point
+    gram = gram + torch.diag_embed(empty.to(gram.dtype))
+
+    def accept(old, new, empty):
+        valid = ((new > 0) | empty).all(-1, keepdim=True)
+        return torch.where(valid & ~empty, new, old)
+
     scale = scale.clone()
+    if H_out is None:
+        rhs = (BH * W.unsqueeze(2)).sum(-1)
+        new = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
+        return accept(scale, new, empty)
     W_hat = centred * expand_groups(scale, C)
-    eye = torch.eye(R, dtype=W.dtype, device=W.device).expand(B, R, R)
-    Ho = eye if H_out is None else H_out
     for _ in range(sweeps):
         for r in range(R):
-            d = centred[:, r]                                              # [B, C]
-            gram = (d.unsqueeze(-1) * H_in * d.unsqueeze(-2))              # [B, C, C]
-            gram = gram.reshape(B, G, group_width, G, group_width).sum((2, 4))
             dW = W_hat - W
-            h_rr = Ho[:, r, r].unsqueeze(-1)                                # [B, 1]
-            others = (Ho[:, r].unsqueeze(-1) * dW).sum(1) - h_rr * dW[:, r]  # sum_{b != r} h_rb dW_b
-            rhs_cols = ((h_rr * W[:, r] - others).unsqueeze(1) @ H_in).squeeze(1)   # [B, C] (H_in symmetric)
-            rhs = (rhs_cols * d).reshape(B, G, group_width).sum(-1)
-            new = (torch.linalg.pinv(h_rr.unsqueeze(-1) * gram, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1)
-            # a group whose codes all sit on the zero point carries no information on its scale
-            keep = (gram.diagonal(dim1=-2, dim2=-1) > 0) & (new > 0)
-            scale[:, r] = torch.where(keep, new, scale[:, r])
+            h_rr = H_out[:, r, r].unsqueeze(-1)                                # [B, 1]
+            others = (H_out[:, r].unsqueeze(-1) * dW).sum(1) - h_rr * dW[:, r]  # sum_{b != r} h_rb dW_b
+            target = h_rr * W[:, r] - others                                   # [B, C]
+            rhs = (BH[:, r] * target.unsqueeze(1)).sum(-1)                     # [B, G]
+            new = torch.linalg.solve(h_rr.unsqueeze(-1) * gram[:, r], rhs.unsqueeze(-1)).squeeze(-1)
+            scale[:, r] = accept(scale[:, r], new, empty[:, r])
             W_hat[:, r] = centred[:, r] * expand_groups(scale[:, r], C)
     return scale
 
 
 def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConfig = SolverConfig(),
-          H_out: torch.Tensor | None = None, cross: torch.Tensor | None = None) -> SolveResult:
+          H_out: torch.Tensor | None = None, cross: torch.Tensor | None = None,
+          cross_H: torch.Tensor | None = None) -> SolveResult:
     """Quantize ``W [d_out, d_in]`` minimising ``tr(H_out dW H_in dW^T)`` head by head.
 
     ``H_in``: ``[d_in, d_in]`` shared, or ``[heads, d_in, d_in]`` one per head.
     ``H_out``: ``None`` (layer-wise, GPTQ) or ``[heads, d_head, d_head]``.
-    ``cross``: ``E[dX X~^T]`` for the correction of inherited errors (``cfg.dx_alpha > 0``).
+    ``cross``: ``E[dX X~^T]`` for the correction of inherited errors (``cfg.dx_alpha > 0``), with
+    ``cross_H = E[X~ X~^T]`` when ``H_in`` is another moment (the value projection's per-head one).
     """
     d_out, C = W.shape
     heads = H_out.shape[0] if H_out is not None else (H_in.shape[0] if H_in.dim() == 3 else 1)
@@ -159,7 +171,8 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     Wf = Wf.masked_fill(dead.unsqueeze(1), 0.0)
     Hd = damped(Hi, cfg.damp)
     if cross is not None and cfg.dx_alpha > 0:
-        Wf = dx_corrected_target(Wf, Hd, cross.to(torch.float32).expand_as(Hd), cfg.dx_alpha)
+        Hc = Hd if cross_H is None else damped(cross_H.to(torch.float32), cfg.damp)
+        Wf = dx_corrected_target(Wf, Hc, cross.to(torch.float32), cfg.dx_alpha)
     target = Wf.clone()
     gw = grid.group_width(C)
 

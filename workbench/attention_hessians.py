@@ -1,0 +1,103 @@
+"""Attention-aware Hessians for q/k/v, accumulated while streaming the calibration batches.
+
+Query of head h (rows of W_q): the logit error of position t is ``(R_t dq_t)^T k'_s`` for the
+keys ``s <= t``, so its output factor is ``sum_t R_t^T (sum_{s<=t} k'_s k'_s^T) R_t``: the
+post-RoPE keys rotated into the query's frame. Keys: the same with the roles exchanged,
+``sum_s R_s^T (sum_{t>=s} q'_t q'_t^T) R_s``. With ``R_t = C_t + S_t J`` (RoPE's cos/sin
+diagonals and its rotate-half permutation J), each term is an elementwise product of a
+per-position moment ``G_u = sum_samples k'_u k'_u^T`` with a table that depends on positions
+only, so only ``G`` is accumulated: ``[n_kv_heads, L, d, d]`` floats per layer.
+
+Value of KV head g: ``H_in^g = sum_{h in g} E[X A_h^T A_h X^T]`` (``[n_kv_heads, d_in, d_in]``);
+its output factor is the identity or ``mean_h W_O,h^T W_O,h`` (``[n_kv_heads, d, d]``).
+Memory per block: 2 x n_kv x L x d^2 (G for keys and queries) + n_kv x d_in^2 (value).
+"""
+from __future__ import annotations
+
+import torch
+
+from .models.base import AttentionGeometry, attention_probs, repeat_kv
+
+VALUE_OUTPUTS = ("identity", "o_proj")
+
+
+def rotate_half_right(A: torch.Tensor) -> torch.Tensor:
+    """``A J`` with ``J x = rotate_half(x) = [-x_2, x_1]``."""
+    h = A.shape[-1] // 2
+    return torch.cat([A[..., h:], -A[..., :h]], dim=-1)
+
+
+def rotate_half_left_t(A: torch.Tensor) -> torch.Tensor:
+    """``J^T A``."""
+    h = A.shape[-2] // 2
+    return torch.cat([A[..., h:, :], -A[..., :h, :]], dim=-2)
+
+
+def position_tables(cos: torch.Tensor, sin: torch.Tensor, later: bool) -> dict[str, torch.Tensor]:
+    """``B^{ab}_u = sum_{t >= u} a_t b_t^T`` (``later``) or ``sum_{t <= u}``, for a, b in {cos, sin}.
+
+    ``cos``/``sin``: ``[L, d]``. Returns ``[L, d, d]`` tables keyed "cc", "cs", "ss".
+    """
+    out = {}
+    for key, (a, b) in {"cc": (cos, cos), "cs": (cos, sin), "ss": (sin, sin)}.items():
+        outer = a.unsqueeze(-1) * b.unsqueeze(-2)
+        out[key] = outer.flip(0).cumsum(0).flip(0) if later else outer.cumsum(0)
+    return out
+
+
+def rope_sandwich(G: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``sum_t R_t^T (sum_{u in window(t)} G_u) R_t`` from per-position moments ``G [H, L, d, d]``."""
+    T = {k: (G * t).sum(1) for k, t in tables.items()}
+    cs_j = rotate_half_right(T["cs"])
+    return T["cc"] + cs_j + cs_j.transpose(-1, -2) + rotate_half_left_t(rotate_half_right(T["ss"]))
+
+
+class AttentionHessians:
+    """Streams q/k/v statistics of one block; ``finish()`` gives the Kronecker factors per kind."""
+
+    def __init__(self, geometry: AttentionGeometry, seqlen: int, d_in: int, device,
+                 value_output: str = "identity"):
+        if value_output not in VALUE_OUTPUTS:
+            raise ValueError(f"value_output must be one of {VALUE_OUTPUTS}")
+        g = geometry
+        self.geometry, self.value_output = g, value_output
+        self.G_keys = torch.zeros(g.n_kv_heads, seqlen, g.head_dim, g.head_dim, device=device)
+        self.G_queries = torch.zeros_like(self.G_keys)
+        self.H_value = torch.zeros(g.n_kv_heads, d_in, d_in, device=device)
+        self.samples = 0
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scaling: float):
+        """``x [b, L, d_in]``; post-rotary ``q [b, n_heads, L, d]``, ``k [b, n_kv, L, d]``."""
+        g = self.geometry
+        b, L = x.shape[:2]
+        self.G_keys += torch.einsum("bhli,bhlj->hlij", k, k)
+        qg = q.reshape(b, g.n_kv_heads, g.group, L, g.head_dim)   # query heads of one KV head together
+        self.G_queries += torch.einsum("bhgli,bhglj->hlij", qg, qg)
+        A = attention_probs(q, k, scaling)                          # [b, n_heads, L, L]
+        Y = A @ x.unsqueeze(1)                                      # [b, n_heads, L, d_in]
+        Y = Y.reshape(b, g.n_kv_heads, g.group * L, -1).transpose(0, 1).reshape(g.n_kv_heads, -1, x.shape[-1])
+        self.H_value += Y.transpose(-1, -2) @ Y
+        self.samples += b
+        self.tokens += b * L
+
+    def finish(self, cos: torch.Tensor | None, sin: torch.Tensor | None, o_proj_weight: torch.Tensor | None = None) -> dict:
+        """Factors per kind: ``{"q": {"H_out"}, "k": {"H_out"}, "v": {"H_in", "H_out"?}}``.
+
+        ``cos``/``sin`` ``[L, d]`` are RoPE's tables (``None``: no rotation, as in OPT).
+        """
+        g = self.geometry
+        L, d = self.G_keys.shape[1], g.head_dim
+        if cos is None:
+            cos = torch.ones(L, d, device=self.G_keys.device)
+            sin = torch.zeros(L, d, device=self.G_keys.device)
+        n = max(self.tokens, 1)
+        H_q = rope_sandwich(self.G_keys, position_tables(cos, sin, later=True)) / n
+        H_k = rope_sandwich(self.G_queries, position_tables(cos, sin, later=False)) / n
+        out = {"q": {"H_out": repeat_kv(H_q.unsqueeze(0), g.group)[0]},   # query heads share their KV head's
+               "k": {"H_out": H_k},
+               "v": {"H_in": self.H_value * (2.0 / n)}}
+        if self.value_output == "o_proj" and o_proj_weight is not None:
+            Wo = o_proj_weight.float().reshape(-1, g.n_kv_heads, g.group, d)   # columns by (kv head, query head)
+            out["v"]["H_out"] = torch.einsum("okgi,okgj->kij", Wo, Wo) / g.group
+        return out
