@@ -44,9 +44,8 @@ class DistillConfig:
             raise WorkbenchError(f"unknown data source {self.source!r}; choose one of {', '.join(SOURCES)}")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise WorkbenchError(f"samples must be a positive integer, got {self.samples!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise WorkbenchError(f"distillation batch size must be at least 2 (statistics need a batch), "
-                                 f"got {self.batch_size!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise WorkbenchError(f"distillation batch size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise WorkbenchError(f"distillation steps must be a non-negative integer, got {self.steps!r}")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
@@ -57,11 +56,12 @@ Callback = Callable[[int, float], None]
 
 
 def _batches(cfg: DistillConfig) -> list[int]:
-    """Batch sizes covering ``samples``; a last batch too small for statistics joins the previous."""
+    """Batch sizes covering ``samples``; a short remainder joins the previous batch, as the
+    statistics of a few images are too noisy to match on their own."""
     sizes = [cfg.batch_size] * (cfg.samples // cfg.batch_size)
     rest = cfg.samples % cfg.batch_size
     if rest:
-        if rest < 2 and sizes:
+        if sizes and rest < cfg.batch_size // 2:
             sizes[-1] += rest
         else:
             sizes.append(rest)
