@@ -96,6 +96,17 @@ def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: to
     return Q.transpose(1, 2)
 
 
+def row_compensation(U_out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """``M`` with ``W_rest += M E_blk``: the exact minimiser of the Kronecker loss over rows ``r1:``
+    once rows ``r0:r1`` are fixed with error ``E_blk = W_blk - W_hat_blk`` (rows before r0 fixed too).
+
+    ``M = H[rest, rest]^-1 H[rest, blk] = -(U_bb^-1 U_b,rest)^T`` with ``U`` the upper Cholesky
+    factor of ``H_out^-1``: GPTQ's column update, along rows and for a block at once.
+    """
+    M = torch.linalg.solve_triangular(U_out[:, r0:r1, r0:r1], U_out[:, r0:r1, r1:], upper=True)
+    return -M.transpose(-1, -2)
+
+
 def dx_corrected_target(W: torch.Tensor, H_in: torch.Tensor, cross: torch.Tensor, alpha: float) -> torch.Tensor:
     """Continuous optimum of ``||W X - W_hat X~||^2``: ``W (I + alpha dX X~^T H~^-1)``.
 
@@ -207,11 +218,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
             Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, gw,
                                        dynamic_groups, cfg.block_size)
             if r1 < R:
-                # closed-form minimiser over the remaining rows with the block fixed:
-                # W_rest += H_rr^-1 H_rb E_b = -(U_bb^-1 U_br)^T E_b
-                err = Wf[:, r0:r1] - Q[:, r0:r1]
-                M = torch.linalg.solve_triangular(U_out[:, r0:r1, r0:r1], U_out[:, r0:r1, r1:], upper=True)
-                Wf[:, r1:] -= M.transpose(-1, -2) @ err
+                Wf[:, r1:] += row_compensation(U_out, r0, r1) @ (Wf[:, r0:r1] - Q[:, r0:r1])
 
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)

@@ -1,0 +1,66 @@
+"""Methods side by side on one model: perplexity, quantization time, q/k/v solve time.
+
+    python benchmarks/methods.py                                  # RTN, GPTQ, BoA, TurboBoA x 4 settings
+    python benchmarks/methods.py --methods rtn,gptq --settings w4g64,w3g64
+
+Every run is measured in this one process, one after the other, so ratios compare like with like.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import workbench
+from workbench.api import QuantizeConfig
+
+SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3pc": (3, -1), "w4pc": (4, -1),
+            "w4g32": (4, 32), "w2pc": (2, -1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="rtn,gptq,boa,turboboa")
+    p.add_argument("--settings", default="w4g64,w3g64,w2g64,w3pc", help=f"from {', '.join(SETTINGS)}")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--max-blocks", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    rows = []
+    header = f"{'method':<9} {'bits':>4} {'group':>5} {'ppl':>9} {'quant s':>8} {'qkv solve s':>11} {'x gptq time':>11}"
+    print(f"model {args.model}, calibration {args.calib_samples}x{args.seqlen}, evaluation {args.eval_windows}x{args.seqlen}")
+    print(header)
+    ppl_fp = None
+    for setting in args.settings.split(","):
+        bits, group = SETTINGS[setting]
+        gptq_time = None
+        for method in args.methods.split(","):
+            cfg = QuantizeConfig(model=args.model, method=method, bits=bits, group_size=group,
+                                 calib_samples=args.calib_samples, seqlen=args.seqlen,
+                                 eval_windows=args.eval_windows, max_blocks=args.max_blocks, device=args.device)
+            t0 = time.perf_counter()
+            rep = workbench.quantize(cfg).report
+            ppl_fp = rep.ppl_fp
+            if method == "gptq":
+                gptq_time = rep.quant_seconds
+            ratio = f"{rep.quant_seconds / gptq_time:.2f}" if gptq_time else "-"
+            row = dict(method=method, bits=bits, group=group, ppl=rep.ppl_quant, quant_seconds=rep.quant_seconds,
+                       qkv_solve_seconds=rep.timings["solve_qkv"], timings=rep.timings,
+                       wall_seconds=time.perf_counter() - t0)
+            rows.append(row)
+            print(f"{method:<9} {bits:>4} {group:>5} {rep.ppl_quant:>9.3f} {rep.quant_seconds:>8.1f} "
+                  f"{rep.timings['solve_qkv']:>11.2f} {ratio:>11}", flush=True)
+    print(f"fp ppl {ppl_fp:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Attention-aware Hessians against an explicit double sum over positions on tiny random models."""
+import pytest
+import torch
+
+import workbench
+from tests.conftest import tiny_llama, tiny_opt
+from workbench.attention_hessians import AttentionHessians
+from workbench.models import family_for
+from workbench.models.base import attention_probs, split_heads
+
+
+def rotation(cos_t, sin_t):
+    d = cos_t.numel()
+    h = d // 2
+    J = torch.zeros(d, d)
+    J[:h, h:] = -torch.eye(h)
+    J[h:, :h] = torch.eye(h)
+    return torch.diag(cos_t) + torch.diag(sin_t) @ J
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_opt])
+@torch.no_grad()
+def test_factors_match_explicit_sums(build):
+    model = build(seed=1)
+    family = family_for(model.config)
+    geo = family.geometry(model.config)
+    block = family.blocks(model)[0]
+    attn = family.attention(block)
+    b, L, d = 2, 6, geo.head_dim
+    x = torch.randn(b, L, model.config.hidden_size)
+    ctx = family.context(model, x)
+    q, k, _ = family.qkv(attn, x, ctx)
+    acc = AttentionHessians(geo, L, x.shape[-1], "cpu", value_output="o_proj")
+    acc.add(x, q, k, attn.scaling)
+    cos, sin = (None, None) if ctx is None else (ctx[0][0], ctx[1][0])
+    got = acc.finish(cos, sin, family.linear(block, "o").weight)
+    if cos is None:
+        cos, sin = torch.ones(L, d), torch.zeros(L, d)
+    R = [rotation(cos[t], sin[t]) for t in range(L)]
+    if ctx is not None:   # the explicit rotation is RoPE's
+        raw_q = split_heads(attn.q_proj(x), d)
+        assert torch.allclose(q[0, 0, 3], R[3] @ raw_q[0, 0, 3], atol=1e-5)
+    n = b * L
+    for h in range(geo.n_heads):
+        g = h // geo.group
+        H = sum(torch.outer(R[t].T @ k[i, g, s], R[t].T @ k[i, g, s])
+                for i in range(b) for t in range(L) for s in range(t + 1)) / n
+        assert torch.allclose(got["q"]["H_out"][h], H, rtol=1e-4, atol=1e-4)
+    A = attention_probs(q, k, attn.scaling)
+    Wo = family.linear(block, "o").weight
+    for g in range(geo.n_kv_heads):
+        heads = range(g * geo.group, (g + 1) * geo.group)
+        H = sum(torch.outer(R[s].T @ q[i, h, t], R[s].T @ q[i, h, t])
+                for h in heads for i in range(b) for s in range(L) for t in range(s, L)) / n
+        assert torch.allclose(got["k"]["H_out"][g], H, rtol=1e-4, atol=1e-4)
+        Hv = sum((A[i, h] @ x[i]).T @ (A[i, h] @ x[i]) for h in heads for i in range(b)) * 2 / n
+        assert torch.allclose(got["v"]["H_in"][g], Hv, rtol=1e-4, atol=1e-4)
+        Ho = sum(Wo[:, h * d:(h + 1) * d].T @ Wo[:, h * d:(h + 1) * d] for h in heads) / geo.group
+        assert torch.allclose(got["v"]["H_out"][g], Ho, rtol=1e-4, atol=1e-5)
+    assert got["q"]["H_out"].shape == (geo.n_heads, d, d)
+    assert got["v"]["H_in"].shape == (geo.n_kv_heads, x.shape[-1], x.shape[-1])
+
+
+SMALL = dict(calib_samples=4, seqlen=64, eval_windows=2, batch_size=2, device="cpu", bits=3, group_size=16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("method", ["boa", "turboboa"])
+def test_attention_aware_methods_run_and_report_attention_error(tiny_checkpoints, arch, method):
+    rep = workbench.quantize(model=tiny_checkpoints[arch], method=method, **SMALL).report
+    df = rep.to_frame()
+    qkv = df[df.kind.isin(["q", "k", "v"])]
+    assert qkv["attn_rel_error"].between(0, 1).all() and (qkv["attn_rel_error"] > 0).all()
+    assert df[~df.kind.isin(["q", "k", "v"])]["attn_rel_error"].isna().all()
+    assert rep.config["solver"]["rows_per_step"] == (1 if method == "boa" else 8)
+    assert rep.ppl_quant < 2 * rep.ppl_fp
+
+
+def test_boa_attention_error_below_gptq_on_tiny_llama(tiny_checkpoints):
+    err = {}
+    for method in ("gptq", "boa"):
+        df = workbench.quantize(model=tiny_checkpoints["llama"], method=method, **{**SMALL, "bits": 2}).report.to_frame()
+        err[method] = df[df.kind.isin(["q", "k"])]["attn_rel_error"].mean()
+    assert err["boa"] < err["gptq"]
