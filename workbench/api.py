@@ -104,16 +104,20 @@ def peak_memory(device: torch.device) -> int:
 
 
 def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None = None, on_event=None,
-             cancel=None, report_path=None, **overrides) -> QuantizeResult:
+             cancel=None, report_path=None, save_dir=None, overwrite: bool = False, **overrides) -> QuantizeResult:
     """Quantize ``config.model`` with ``config.method``; keyword overrides patch the config.
 
     ``loaded`` reuses a model already in memory (it is modified in place). ``on_event`` gets an
     ``engine.Event`` per layer; ``cancel`` (anything with ``is_set()``) stops between layers.
+    ``report_path`` gets the JSON report, ``save_dir`` the quantized checkpoint (see ``export``).
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
     if report_path is not None:
         check_writable(report_path)
+    if save_dir is not None:
+        from .export import check_save_dir
+        check_save_dir(save_dir, overwrite)
     device = resolve_device(cfg.device)
     loaded = loaded or load_model(cfg.model)
     _check_group_size(loaded, cfg.grid())
@@ -141,9 +145,13 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                             "device_resolved": str(device), "torch": torch.__version__},
                     ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
                     peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
+    out = QuantizeResult(loaded.model, tok, report, result.packed)
+    if save_dir is not None:
+        from .export import save_quantized
+        save_quantized(out, save_dir, overwrite=overwrite)
     if report_path is not None:
         report.to_json(report_path)
-    return QuantizeResult(loaded.model, tok, report, result.packed)
+    return out
 
 
 def _check_group_size(loaded: LoadedModel, grid: GridConfig):

@@ -8,10 +8,6 @@ import sys
 from .errors import Cancelled, WorkbenchError
 
 
-def _positive_or_all(text: str) -> int:
-    return int(text)
-
-
 def add_quantize_parser(sub):
     from .api import QuantizeConfig
     from .methods import METHODS
@@ -44,6 +40,9 @@ def add_quantize_parser(sub):
     g.add_argument("--value-output", default=d.value_output, choices=["identity", "o_proj"],
                    help="output factor of the value projection's Hessian")
     p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write the quantized model here (compressed-tensors pack-quantized, loads in transformers/vLLM)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_quantize)
     return p
@@ -69,7 +68,7 @@ def run_quantize(args) -> int:
         elif ev.kind == "done" and bar is not None:
             bar.close()
 
-    result = quantize(cfg, on_event=on_event, report_path=args.report)
+    result = quantize(cfg, on_event=on_event, report_path=args.report, save_dir=args.save, overwrite=args.overwrite)
     r = result.report
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     print(f"{r.model} {r.method} w{cfg.bits} g{cfg.group_size}: ppl fp {fmt(r.ppl_fp)} -> quant {fmt(r.ppl_quant)}, "
@@ -96,10 +95,6 @@ def _optional_commands():
         except ModuleNotFoundError:
             continue
         yield mod.add_parser
-
-
-class _Parser(argparse.ArgumentParser):
-    pass
 
 
 def main(argv=None) -> int:
