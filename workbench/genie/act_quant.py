@@ -1,4 +1,4 @@
-"""Activation quantization with a learned step size (LSQ): x_q = s * clamp(round(x / s), qmin, qmax).
+"""Activation quantization with a learned step size (LSQ): x_q = s * round(clamp(x / s, qmin, qmax)).
 
 The rounding passes gradients straight through; the step's gradient is scaled by
 1 / sqrt(numel * qmax) so its updates stay in proportion to the step itself. The step starts at
@@ -27,7 +27,7 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_factor: float) -> torch.Tensor:
     s = scale_grad(step, grad_factor)
-    return torch.clamp(round_ste(x / s), qmin, qmax) * s
+    return round_ste(torch.clamp(x / s, qmin, qmax)) * s
 
 
 @torch.no_grad()
