@@ -97,6 +97,9 @@ class QuantizeResult:
         return iter((self.model, self.report))
 
 
+_FP_PERPLEXITY: dict[tuple, float] = {}   # (source, eval text, seqlen, windows, device) -> ppl
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -119,6 +122,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         from .export import check_save_dir
         check_save_dir(save_dir, overwrite)
     device = resolve_device(cfg.device)
+    fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
     _check_group_size(loaded, cfg.grid())
     tok = loaded.tokenizer
@@ -128,7 +132,14 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
 
-    ppl_fp = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size)
+    ppl_fp = None
+    if evalw is not None:
+        key = (loaded.source, cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device))
+        ppl_fp = _FP_PERPLEXITY.get(key) if fresh else None
+        if ppl_fp is None:
+            ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size)
+            if fresh:
+                _FP_PERPLEXITY[key] = ppl_fp
     loaded.model.to("cpu")
     spec = method_spec(cfg.method)
     engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
