@@ -1,0 +1,111 @@
+"""Diagnose a model: Hessian spectra on the calibration windows and, after quantizing a copy,
+reconstruction errors on held-out windows. Frames out, no figures."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..api import QuantizeConfig, QuantizeResult, quantize
+from ..data import calibration_windows, evaluation_windows
+from ..engine import resolve_device
+from ..errors import WorkbenchError
+from ..models.loading import LoadedModel, load_model
+from ..report import Report, check_writable, write_atomic
+from .reconstruction import Reconstruction, frozen_copy, reconstruction_errors
+from .spectra import Spectra, hessian_spectra
+
+
+@dataclass
+class DiagnoseConfig:
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    spectra: bool = True              # Hessian spectra of the full-precision model
+    heads: bool = True                # per-head attention factors in the spectra
+    method: bool = True               # quantize a copy and measure its reconstruction errors
+    heldout_windows: int = 4          # windows of the evaluation text for reconstruction errors
+
+    def validate(self):
+        self.quantize.validate()
+        if self.method and self.heldout_windows < 1:
+            raise WorkbenchError(f"--heldout-windows must be at least 1, got {self.heldout_windows}")
+
+
+@dataclass
+class Diagnosis:
+    config: dict
+    spectra: Spectra | None = None
+    reconstruction: Reconstruction | None = None
+    report: Report | None = None
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        out = {}
+        if self.spectra is not None:
+            out.update(self.spectra.frames())
+        if self.reconstruction is not None:
+            out.update(self.reconstruction.frames())
+        if self.report is not None:
+            out["report_layers"] = self.report.to_frame()
+        return out
+
+    def to_dict(self) -> dict:
+        # through pandas' JSON so NaN and infinities become null, which every JSON reader accepts
+        frames = {k: json.loads(f.to_json(orient="records")) for k, f in self.frames().items()}
+        return {"config": self.config, "report": None if self.report is None else self.report.to_dict(),
+                "frames": frames}
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
+
+    def to_csv(self, directory: str | os.PathLike) -> list[Path]:
+        directory = Path(directory).expanduser()
+        written = []
+        for name, frame in self.frames().items():
+            written.append(write_atomic(directory / f"{name}.csv", frame.to_csv(index=False)))
+        return written
+
+
+def measure_quantized(fp: LoadedModel, config: QuantizeConfig, *, heldout_windows: int = 4, on_event=None,
+                      cancel=None) -> tuple[QuantizeResult, Reconstruction]:
+    """Quantize a copy of ``fp.model`` (left untouched) and measure it against the original."""
+    work = dataclasses.replace(fp, model=frozen_copy(fp.model))
+    result = quantize(config, loaded=work, on_event=on_event, cancel=cancel)
+    ids = evaluation_windows(fp.tokenizer, config.eval_text, config.seqlen, heldout_windows)
+    recon = reconstruction_errors(fp.model, result.model, fp.family, ids, batch_size=config.batch_size,
+                                  device=resolve_device(config.device), max_blocks=config.max_blocks)
+    return result, recon
+
+
+def spectra_for(fp: LoadedModel, config: QuantizeConfig, heads: bool = True, on_block=None) -> Spectra:
+    """Spectra of ``fp.model`` on the calibration windows the engine would draw for ``config``."""
+    ids = calibration_windows(fp.tokenizer, config.calib, config.calib_samples, config.seqlen, config.seed)
+    return hessian_spectra(fp.model, fp.family, ids, batch_size=config.batch_size,
+                           device=resolve_device(config.device), max_blocks=config.max_blocks, heads=heads,
+                           damp=config.damp, on_block=on_block)
+
+
+def diagnose(config: DiagnoseConfig, *, loaded: LoadedModel | None = None, on_event=None, cancel=None,
+             report_path=None, csv_dir=None) -> Diagnosis:
+    """Spectra and/or reconstruction errors for ``config``; optionally written as JSON and CSVs."""
+    config.validate()
+    if report_path is not None:
+        check_writable(report_path)
+    if csv_dir is not None and not Path(csv_dir).expanduser().is_dir():
+        raise WorkbenchError(f"--csv directory {str(csv_dir)!r} does not exist; create it first")
+    q = config.quantize
+    fp = loaded or load_model(q.model)
+    out = Diagnosis(config=dataclasses.asdict(config))
+    if config.spectra:
+        out.spectra = spectra_for(fp, q, heads=config.heads)
+    if config.method:
+        result, out.reconstruction = measure_quantized(fp, q, heldout_windows=config.heldout_windows,
+                                                       on_event=on_event, cancel=cancel)
+        out.report = result.report
+    if report_path is not None:
+        out.to_json(report_path)
+    if csv_dir is not None:
+        out.to_csv(csv_dir)
+    return out

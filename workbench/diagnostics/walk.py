@@ -1,0 +1,88 @@
+"""Walk one or more models of the same family block by block, stage by stage, in lockstep.
+
+The family's ``block_forward`` generators pause before every stage (the linears that read
+one input), which is exactly where diagnostics look: at the stage input and at what the
+layers of the stage make of it. Each model carries its own hidden stream, so a quantized
+model sees its own accumulated error while the full-precision one stays clean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..engine import block_inputs
+from ..models import Family, Stage
+
+
+@dataclass
+class StageView:
+    block: int
+    kinds: tuple[str, ...]
+    blocks: list[nn.Module]          # block ``block`` of every model, on the device
+    stages: list[list[Stage]]        # stages[model][batch]
+    ctx: object                      # the family's per-sequence context (RoPE tables), on the device
+
+
+def _to(ctx, device):
+    if ctx is None:
+        return None
+    if isinstance(ctx, torch.Tensor):
+        return ctx.to(device)
+    return type(ctx)(_to(c, device) for c in ctx)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _advance(gens):
+    stages, outs = [], []
+    for g in gens:
+        try:
+            stages.append(next(g))
+        except StopIteration as stop:
+            outs.append(stop.value)
+    return (None, outs) if outs else (stages, None)
+
+
+def block_count(model: nn.Module, family: Family, max_blocks: int | None) -> int:
+    n = len(family.blocks(model))
+    return n if max_blocks is None else min(max_blocks, n)
+
+
+@torch.no_grad()
+def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, batch_size: int = 4,
+                device: torch.device | str = "cpu", max_blocks: int | None = None,
+                on_block=None) -> Iterator[StageView]:
+    """Yield a ``StageView`` before every stage of the first ``max_blocks`` blocks.
+
+    Only the current block of each model is moved to ``device`` (and back afterwards), so a
+    model that does not fit on the device can still be walked. ``on_block(b, outputs)`` gets
+    every model's block outputs (list per model of per-batch tensors) when block ``b`` ends.
+    """
+    device = torch.device(device)
+    captured = [block_inputs(m, family, ids.to(_model_device(m)), batch_size) for m in models]
+    # the context (RoPE tables) is computed where the model lives, then moved with the stream
+    ctx = _to(family.context(models[0], captured[0][0]), device)
+    hidden = [[h.to(device) for h in hs] for hs in captured]
+    del captured
+    for b in range(block_count(models[0], family, max_blocks)):
+        homes = [_model_device(family.blocks(m)[b]) for m in models]
+        blocks = [family.blocks(m)[b].to(device) for m in models]
+        gens = [[family.block_forward(blk, h, ctx) for h in hs] for blk, hs in zip(blocks, hidden)]
+        try:
+            while True:
+                advanced = [_advance(g) for g in gens]
+                if advanced[0][0] is None:
+                    hidden = [outs for _, outs in advanced]
+                    break
+                stages = [s for s, _ in advanced]
+                yield StageView(b, stages[0][0].kinds, blocks, stages, ctx)
+        finally:
+            for blk, home in zip(blocks, homes):
+                blk.to(home)
+        if on_block is not None:
+            on_block(b, hidden)
