@@ -1,0 +1,184 @@
+"""The Compare tab: RTN, GPTQ, BoA and TurboBoA on the same settings, filling in live."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from ..errors import WorkbenchError
+from ..figures import attention_heatmaps, empty_figure, layer_error_figure
+from . import text
+from .form import Form
+from .models import ModelCache
+from .settings import COMPARE_METHODS, make_settings
+from .views import error_text, message_html, progress_html, summary_display, write_run_files
+from .work import quantize_one
+
+PLOT_EVERY = 0.5
+CURVES = "Relative output error per layer, one line per method"
+HEATMAPS = "Attention error per head on held-out text (block x head)"
+READINGS = [("after o_proj (head's share of the residual)", "after_o"), ("before o_proj (head output)", "before_o")]
+
+
+@dataclass
+class CompareView:
+    status: gr.HTML
+    progress: gr.HTML
+    curves: gr.Plot
+    heatmaps: gr.Plot
+    table: gr.Dataframe
+    files: gr.File
+
+    def outputs(self) -> list:
+        return [self.status, self.progress, self.curves, self.heatmaps, self.table, self.files]
+
+
+def build_compare_tab(form: Form, session: gr.State, models: ModelCache) -> CompareView:
+    gr.Markdown(text.COMPARE)
+    with gr.Row():
+        run = gr.Button("Run all four methods", variant="primary", elem_id="wb-compare-run", scale=2)
+        cancel = gr.Button("Cancel", variant="stop", elem_id="wb-compare-cancel", scale=1)
+    view = CompareView(
+        status=gr.HTML(elem_id="wb-c-status"),
+        progress=gr.HTML(elem_id="wb-c-progress"),
+        table=gr.Dataframe(label="Perplexity and time", elem_id="wb-c-table", interactive=False),
+        curves=gr.Plot(empty_figure(CURVES, "press Run to compare"), label="Per-layer error", elem_id="wb-c-curves"),
+        heatmaps=gr.Plot(empty_figure(HEATMAPS, "filled in as each method finishes"), label="Attention error",
+                         elem_id="wb-c-heatmaps"),
+        files=gr.File(label="Downloads (JSON, CSV)", file_count="multiple", interactive=False, elem_id="wb-c-files"))
+    reading = gr.Radio(READINGS, value="after_o", label="Attention error reading", elem_id="wb-c-reading")
+
+    def on_run(sess, value, *values):
+        yield from stream_compare(sess, models, view, value, values)
+
+    run.click(on_run, [session, reading, *form.inputs()], view.outputs(), show_progress="hidden",
+              concurrency_limit=None)
+    cancel.click(lambda sess: message_html("cancelling after the current layer...", "warn") if sess.cancel()
+                 else message_html("nothing is running", "info"), session, view.status, show_progress="hidden",
+                 concurrency_limit=None)
+    reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
+                   view.heatmaps, show_progress="hidden")
+    return view
+
+
+def heatmaps_figure(outcomes: list, value: str = "after_o"):
+    if not outcomes:
+        return empty_figure(HEATMAPS, "filled in as each method finishes")
+    return attention_heatmaps({o.method: o.reconstruction.heads for o in outcomes}, value, title=HEATMAPS)
+
+
+def curves_figure(outcomes: list, live: list[dict], total: int | None):
+    frames = [o.layers[["method", "name", "block", "kind", "rel_error"]] for o in outcomes]
+    if live:
+        frames.append(pd.DataFrame(live))
+    if not frames:
+        return empty_figure(CURVES, "waiting for the first layer")
+    return layer_error_figure(pd.concat(frames, ignore_index=True), title=CURVES, total_layers=total)
+
+
+def summary_rows(outcomes: list, status: dict) -> pd.DataFrame:
+    by_method = {o.method: o for o in outcomes}
+    rows = []
+    for m in COMPARE_METHODS:
+        row = by_method[m].summary() if m in by_method else {"method": m}
+        row["status"] = status.get(m, "waiting")
+        rows.append(row)
+    return summary_display(rows)
+
+
+def stream_compare(sess, models: ModelCache, view: CompareView, reading: str, values):
+    try:
+        settings = make_settings(*values)
+    except WorkbenchError as exc:
+        yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
+        return
+    cached = {m: sess.cached(settings, m) for m in COMPARE_METHODS}
+
+    def work(post, cancel):
+        shared = None
+        for m in COMPARE_METHODS:
+            if cached[m] is not None:
+                post("outcome", cached[m])
+                continue
+            if shared is None:
+                post("phase", f"loading {settings.model}")
+                shared = models.get(settings.model)
+            post("method", m)
+            post("outcome", quantize_one(shared, settings, m, post, cancel))
+
+    try:
+        job = sess.start(work, "compare")
+    except WorkbenchError as exc:
+        yield {view.status: message_html(str(exc), "warn")}
+        return
+    outcomes, live, status = [], [], {}
+    per_run, done_runs, done, label, last_plot, plotted = 0, 0, 0, "starting", 0.0, 0
+    sess.last_compare = outcomes
+    yield {view.status: message_html("comparing " + ", ".join(COMPARE_METHODS) + "...", "info"),
+           view.progress: progress_html(0, 1, label, 0), view.table: summary_rows([], status),
+           view.curves: empty_figure(CURVES, "waiting for the first layer"), view.heatmaps: heatmaps_figure([]),
+           view.files: None}
+
+    def overall():
+        total = per_run * len(COMPARE_METHODS)
+        return done_runs * per_run + done, total
+
+    for msg in job.messages():
+        elapsed = time.perf_counter() - job.started
+        update = {}
+        if msg is None:
+            if len(live) > plotted:
+                update[view.curves], plotted = curves_figure(outcomes, live, per_run or None), len(live)
+        elif msg.kind == "phase":
+            label = msg.payload
+        elif msg.kind == "method":
+            status[msg.payload] = "running"
+            update[view.table] = summary_rows(outcomes, status)
+        elif msg.kind == "event":
+            m, ev = msg.payload
+            per_run = ev.total or per_run
+            if ev.kind == "layer_finished":
+                done = ev.index
+                live.append({"method": m, "name": ev.layer, "block": ev.block, "kind": ev.layer_kind,
+                             "rel_error": ev.rel_error})
+                label = f"{m}: {done}/{per_run} layers"
+                if time.perf_counter() - last_plot > PLOT_EVERY:
+                    update[view.curves], plotted = curves_figure(outcomes, live, per_run), len(live)
+                    last_plot = time.perf_counter()
+        elif msg.kind == "outcome":
+            o = msg.payload
+            was_cached = cached[o.method] is not None
+            sess.remember(o)
+            outcomes.append(o)
+            per_run = per_run or len(o.layers)
+            status[o.method] = "cached" if was_cached else "done"
+            live, plotted, done = [], 0, 0
+            done_runs += 1
+            label = f"{o.method} {'from cache' if was_cached else 'finished'}"
+            update.update({view.table: summary_rows(outcomes, status), view.heatmaps: heatmaps_figure(outcomes, reading),
+                           view.curves: curves_figure(outcomes, live, per_run)})
+        elif msg.kind == "result":
+            files = write_run_files(sess.files_dir(), f"compare-w{settings.bits}g{settings.group_size}", outcomes)
+            n, total = overall()
+            fresh = sum(1 for m in COMPARE_METHODS if cached[m] is None)
+            note = (f"all four methods shown from this page's cache" if fresh == 0
+                    else f"compared {len(outcomes)} methods in {elapsed:.0f} s")
+            yield {view.status: message_html(note, "ok"), view.files: files,
+                   view.progress: progress_html(total, total, "done", elapsed, state="done"),
+                   view.table: summary_rows(outcomes, status), view.curves: curves_figure(outcomes, [], per_run)}
+            return
+        elif msg.kind in ("cancelled", "error"):
+            n, total = overall()
+            kind = "warn" if msg.kind == "cancelled" else "error"
+            note = "cancelled" if msg.kind == "cancelled" else error_text(msg.payload)
+            yield {view.status: message_html(f"{note}; finished methods are kept", kind),
+                   view.progress: progress_html(n, total, msg.kind, elapsed,
+                                                state="cancelled" if kind == "warn" else "error"),
+                   view.table: summary_rows(outcomes, {**status, **{m: msg.kind for m, s in status.items()
+                                                                    if s == "running"}})}
+            return
+        n, total = overall()
+        update[view.progress] = progress_html(n, total, label, elapsed)
+        yield update

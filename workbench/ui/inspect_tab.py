@@ -1,0 +1,171 @@
+"""The Inspect tab: Hessian spectra of one layer and its heads, conditioning across layers, error vs spectrum."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from ..errors import WorkbenchError
+from ..figures import condition_heatmap, empty_figure, error_vs_spectrum, head_spectra_figure, spectrum_figure
+from . import text
+from .form import Form
+from .models import ModelCache
+from .settings import make_settings
+from .views import error_text, message_html, progress_html
+from .work import spectra_of
+
+SUMMARIES = [("condition number", "condition"), ("condition (damped, as the solver sees it)", "condition_damped"),
+             ("effective rank", "effective_rank"), ("top-1% share of the trace", "top1_share")]
+FACTORS = [("q: H_out per query head", "q"), ("k: H_out per KV head", "k"), ("v: H_in per KV head", "v")]
+ERRORS = [("calibration error (report)", "rel_error"), ("held-out error", "heldout_rel_error")]
+
+
+@dataclass
+class InspectView:
+    status: gr.HTML
+    progress: gr.HTML
+    layer: gr.Dropdown
+    spectrum: gr.Plot
+    heads: gr.Plot
+    heatmap: gr.Plot
+    scatter: gr.Plot
+
+    def outputs(self) -> list:
+        return [self.status, self.progress, self.layer, self.spectrum, self.heads, self.heatmap, self.scatter]
+
+
+def build_inspect_tab(form: Form, session: gr.State, models: ModelCache) -> tuple[InspectView, callable]:
+    gr.Markdown(text.INSPECT)
+    with gr.Row():
+        compute = gr.Button("Compute spectra", variant="primary", elem_id="wb-i-run", scale=1)
+        layer = gr.Dropdown([], label="Layer", elem_id="wb-i-layer", scale=3, interactive=True)
+        factor = gr.Radio(FACTORS, value="q", label="Per-head factor", elem_id="wb-i-factor", scale=2)
+    status = gr.HTML(elem_id="wb-i-status")
+    progress = gr.HTML(elem_id="wb-i-progress")
+    with gr.Row():
+        spectrum = gr.Plot(empty_figure("H_in spectrum", "press Compute spectra"), elem_id="wb-i-spectrum",
+                           label="Layer spectrum")
+        heads = gr.Plot(empty_figure("Per-head spectra", "press Compute spectra"), elem_id="wb-i-heads",
+                        label="Per-head spectra")
+    with gr.Row():
+        summary = gr.Radio(SUMMARIES, value="condition", label="Spectrum summary", elem_id="wb-i-summary", scale=2)
+        err = gr.Radio(ERRORS, value="rel_error", label="Error", elem_id="wb-i-error", scale=1)
+    with gr.Row():
+        heatmap = gr.Plot(empty_figure("Condition number across layers", "press Compute spectra"),
+                          elem_id="wb-i-heatmap", label="Across layers")
+        scatter = gr.Plot(empty_figure("Error against spectrum", "needs spectra and a quantization run"),
+                          elem_id="wb-i-scatter", label="Error vs spectrum")
+    view = InspectView(status, progress, layer, spectrum, heads, heatmap, scatter)
+
+    def on_compute(sess, layer_name, fac, summ, e, *values):
+        yield from stream_spectra(sess, models, view, layer_name, fac, summ, e, values)
+
+    compute.click(on_compute, [session, layer, factor, summary, err, *form.inputs()], view.outputs(),
+                  show_progress="hidden", concurrency_limit=None)
+    layer.change(layer_figures, [session, layer, factor], [spectrum, heads], show_progress="hidden")
+    factor.change(layer_figures, [session, layer, factor], [spectrum, heads], show_progress="hidden")
+    summary.change(across_figures, [session, summary, err], [heatmap, scatter], show_progress="hidden")
+    err.change(across_figures, [session, summary, err], [heatmap, scatter], show_progress="hidden")
+
+    def refresh(sess, summ, e):   # new runs may have finished in other tabs since the last look
+        return across_figures(sess, summ, e)
+    return view, (refresh, [session, summary, err], [heatmap, scatter])
+
+
+def _block_of(spectra, name):
+    rows = spectra.layers[spectra.layers["name"] == name]
+    return int(rows["block"].iloc[0]) if len(rows) else 0
+
+
+def layer_figures(sess, name, factor):
+    current = sess.current_spectra
+    if current is None or not name:
+        return (empty_figure("H_in spectrum", "press Compute spectra"),
+                empty_figure("Per-head spectra", "press Compute spectra"))
+    _, spectra = current
+    block = _block_of(spectra, name)
+    stage = spectra.layers.loc[spectra.layers["name"] == name, "stage"].iloc[0]
+    same_kind = spectra.layers[(spectra.layers["kind"] == spectra.layers.loc[
+        spectra.layers["name"] == name, "kind"].iloc[0]) & (spectra.layers["name"] != name)]
+    # the chosen layer against the first and last of its kind, normalized, to show how depth changes the shape
+    others = [n for n in (same_kind["name"].iloc[[0, -1]].tolist() if len(same_kind) else []) if n != name]
+    names = [name, *dict.fromkeys(others)]
+    spec = spectrum_figure(spectra.layer_eigenvalues, names, normalize=len(names) > 1,
+                           title=f"H_in spectrum of {name.split('.', 2)[-1]} (input shared by {stage})")
+    fac = "H_in" if factor == "v" else "H_out"
+    heads = head_spectra_figure(spectra.head_eigenvalues, block, factor, factor=fac,
+                                title=f"Per-head {fac} spectra, block {block}, {factor}")
+    return spec, heads
+
+
+def error_frame(sess, model: str) -> pd.DataFrame | None:
+    outcomes = sess.outcomes_for(model)
+    if not outcomes:
+        return None
+    return pd.concat([o.layers for o in outcomes], ignore_index=True)
+
+
+def across_figures(sess, summary, err):
+    current = sess.current_spectra
+    if current is None:
+        return (empty_figure("Condition number across layers", "press Compute spectra"),
+                empty_figure("Error against spectrum", "needs spectra and a quantization run"))
+    settings, spectra = current
+    label = dict((v, k) for k, v in SUMMARIES)[summary]
+    heat = condition_heatmap(spectra.layers, summary, title=f"{label[0].upper() + label[1:]} of H_in across layers")
+    scatter = error_vs_spectrum(spectra.layers, error_frame(sess, settings.model), x=summary, y=err)
+    return heat, scatter
+
+
+def stream_spectra(sess, models: ModelCache, view: InspectView, layer_name, factor, summary, err, values):
+    try:
+        settings = make_settings(*values)
+    except WorkbenchError as exc:
+        yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
+        return
+
+    def finish(spectra, note):
+        sess.remember_spectra(settings, spectra)
+        names = spectra.layers["name"].tolist()
+        chosen = layer_name if layer_name in names else (names[0] if names else None)
+        spec, heads = layer_figures(sess, chosen, factor)
+        heat, scatter = across_figures(sess, summary, err)
+        n = spectra.layers["block"].nunique() if len(spectra.layers) else 0
+        return {view.status: message_html(note, "ok"),
+                view.progress: progress_html(n, n, f"{n} blocks", state="done"),
+                view.layer: gr.Dropdown(choices=names, value=chosen), view.spectrum: spec, view.heads: heads,
+                view.heatmap: heat, view.scatter: scatter}
+
+    hit = sess.spectra.get(settings.spectra_key())
+    if hit is not None:
+        yield finish(hit[1], "spectra for these settings shown from this page's cache")
+        return
+    try:
+        job = sess.start(lambda post, cancel: spectra_of(models.get(settings.model), settings, post, cancel),
+                         "spectra")
+    except WorkbenchError as exc:
+        yield {view.status: message_html(str(exc), "warn")}
+        return
+    label, done, total = f"loading {settings.model}", 0, 0
+    yield {view.status: message_html("computing spectra of the full-precision model...", "info"),
+           view.progress: progress_html(0, 1, label, 0)}
+    for msg in job.messages():
+        elapsed = time.perf_counter() - job.started
+        if msg is None:
+            pass
+        elif msg.kind == "phase":
+            label = msg.payload
+        elif msg.kind == "block":
+            done, total = msg.payload
+            label = f"block {done} of {total}"
+        elif msg.kind == "result":
+            yield finish(msg.payload, f"spectra of {done} blocks in {elapsed:.0f} s")
+            return
+        elif msg.kind in ("cancelled", "error"):
+            note = "cancelled" if msg.kind == "cancelled" else error_text(msg.payload)
+            yield {view.status: message_html(note, "warn" if msg.kind == "cancelled" else "error"),
+                   view.progress: progress_html(done, total, msg.kind, elapsed, state="error")}
+            return
+        yield {view.progress: progress_html(done, max(total, 1), label, elapsed)}

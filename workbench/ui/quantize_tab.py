@@ -1,0 +1,143 @@
+"""The Quantize tab: one method, live per-layer progress, perplexity, table and downloads."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from ..errors import WorkbenchError
+from ..figures import empty_figure, progress_figure
+from ..figures.style import method_label
+from . import text
+from .form import Form
+from .models import ModelCache
+from .settings import AppDefaults, make_settings, method_choices
+from .views import (error_text, file_stem, layer_display, message_html, perplexity_markdown, progress_html,
+                    write_run_files)
+from .work import quantize_one
+
+PLOT_EVERY = 0.4   # seconds between plot refreshes while layers stream in
+TITLE = "Relative output error per layer"
+
+
+@dataclass
+class QuantizeView:
+    status: gr.HTML
+    progress: gr.HTML
+    plot: gr.Plot
+    ppl: gr.Markdown
+    table: gr.Dataframe
+    files: gr.File
+
+    def outputs(self) -> list:
+        return [self.status, self.progress, self.plot, self.ppl, self.table, self.files]
+
+
+def build_quantize_tab(form: Form, session: gr.State, models: ModelCache, d: AppDefaults) -> QuantizeView:
+    gr.Markdown(text.QUANTIZE)
+    with gr.Row():
+        method = gr.Radio(method_choices(), value=d.method, label="Method", elem_id="wb-method", scale=3)
+        run = gr.Button("Run", variant="primary", elem_id="wb-run", scale=1)
+        cancel = gr.Button("Cancel", variant="stop", elem_id="wb-cancel", scale=1)
+    with gr.Row(visible=d.method == "turboboa") as turbo:
+        form.rows_per_step.render()
+        form.dx_alpha.render()
+        form.refine_iters.render()
+    view = QuantizeView(
+        status=gr.HTML(elem_id="wb-q-status"),
+        progress=gr.HTML(elem_id="wb-q-progress"),
+        plot=gr.Plot(empty_figure(TITLE, "press Run to quantize"), label="Per-layer error", elem_id="wb-q-plot"),
+        ppl=gr.Markdown(elem_id="wb-q-ppl"),
+        table=gr.Dataframe(label="Per-layer results", elem_id="wb-q-table", interactive=False, max_height=360),
+        files=gr.File(label="Report downloads (JSON, CSV)", file_count="multiple", elem_id="wb-q-files",
+                      interactive=False))
+    method.change(lambda m: gr.Row(visible=m == "turboboa"), method, turbo, show_progress="hidden")
+
+    def on_run(sess, m, *values):
+        yield from stream_quantize(sess, models, view, m, values)
+
+    run.click(on_run, [session, method, *form.inputs()], view.outputs(), show_progress="hidden",
+              concurrency_limit=None)
+    cancel.click(lambda sess: message_html("cancelling after the current layer...", "warn") if sess.cancel()
+                 else message_html("nothing is running", "info"), session, view.status, show_progress="hidden",
+                 concurrency_limit=None)
+    return view
+
+
+def finished_outputs(view: QuantizeView, sess, outcome, note: str) -> dict:
+    layers = outcome.layers
+    total = len(layers)
+    files = write_run_files(sess.files_dir(), file_stem(outcome.settings, outcome.method), [outcome])
+    return {view.status: message_html(note, "ok"),
+            view.progress: progress_html(total, total, f"{total} layers quantized", state="done"),
+            view.plot: progress_figure(layers, total, title=f"{TITLE}: {method_label(outcome.method)}, {total} layers"),
+            view.ppl: perplexity_markdown(outcome), view.table: layer_display(layers), view.files: files}
+
+
+def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, values):
+    """The Run handler: validate, start the worker, turn its messages into page updates."""
+    try:
+        settings = make_settings(*values)
+    except WorkbenchError as exc:
+        yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
+        return
+    cached = sess.cached(settings, method)
+    if cached is not None:
+        sess.last_quantize = cached
+        yield finished_outputs(view, sess, cached, "same settings as an earlier run: shown from this page's cache")
+        return
+
+    def work(post, cancel):
+        post("phase", f"loading {settings.model}")
+        return quantize_one(models.get(settings.model), settings, method, post, cancel)
+
+    try:
+        job = sess.start(work, "quantize")
+    except WorkbenchError as exc:
+        yield {view.status: message_html(str(exc), "warn")}
+        return
+    rows, done, total, label, last_plot, plotted = [], 0, 0, "starting", 0.0, 0
+    yield {view.status: message_html(f"running {method}...", "info"), view.progress: progress_html(0, 1, label, 0),
+           view.plot: empty_figure(TITLE, "waiting for the first layer"), view.ppl: "", view.table: None,
+           view.files: None}
+    for msg in job.messages():
+        elapsed = time.perf_counter() - job.started
+        if msg is None:
+            update = {view.progress: progress_html(done, total, label, elapsed)}
+            if len(rows) > plotted:   # a quiet moment: catch the plot up with throttled layers
+                update[view.plot], plotted = progress_figure(pd.DataFrame(rows), total), len(rows)
+            yield update
+            continue
+        if msg.kind == "phase":
+            label = msg.payload
+        elif msg.kind == "event":
+            _, ev = msg.payload
+            total = ev.total or total
+            if ev.kind == "layer_started":
+                label = f"{method}: block {ev.block}, {ev.layer_kind} ({ev.index}/{ev.total})"
+            elif ev.kind == "layer_finished":
+                done = ev.index
+                rows.append({"method": method, "name": ev.layer, "block": ev.block, "kind": ev.layer_kind,
+                             "rel_error": ev.rel_error, "loss": ev.loss, "seconds": ev.seconds})
+                label = f"{method}: {done}/{total} layers, last {ev.layer_kind}@{ev.block} error {ev.rel_error:.2e}"
+        elif msg.kind == "result":
+            sess.remember(msg.payload)
+            sess.last_quantize = msg.payload
+            yield finished_outputs(view, sess, msg.payload, f"{method} finished in {elapsed:.0f} s")
+            return
+        elif msg.kind == "cancelled":
+            yield {view.status: message_html(f"cancelled after {done} of {total} layers", "warn"),
+                   view.progress: progress_html(done, total, "cancelled", elapsed, state="cancelled"),
+                   view.plot: progress_figure(pd.DataFrame(rows), total, title=f"{TITLE}: cancelled")}
+            return
+        elif msg.kind == "error":
+            yield {view.status: message_html(error_text(msg.payload), "error"),
+                   view.progress: progress_html(done, total, "failed", elapsed, state="error")}
+            return
+        update = {view.progress: progress_html(done, total, label, elapsed)}
+        if len(rows) > plotted and time.perf_counter() - last_plot > PLOT_EVERY:
+            update[view.plot], plotted = progress_figure(pd.DataFrame(rows), total), len(rows)
+            last_plot = time.perf_counter()
+        yield update

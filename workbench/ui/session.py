@@ -1,0 +1,92 @@
+"""Per-browser-session state: the run in flight and the results this session has seen.
+
+Gradio creates one ``Session`` per page load (``gr.State(Session)``) and hands the same object
+to every handler of that page, so two visitors never share runs, caches or cancel buttons.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import WorkbenchError
+from .jobs import Job
+
+FILES_ROOT = Path(tempfile.gettempdir()) / "quant-workbench-app"
+RESULT_CAPACITY = 32
+SPECTRA_CAPACITY = 4
+
+
+class Session:
+    def __init__(self):
+        self.job: Job | None = None
+        self.results: OrderedDict = OrderedDict()     # (Settings, method) -> Outcome, oldest first
+        self.spectra: OrderedDict = OrderedDict()     # Settings.spectra_key() -> (Settings, Spectra)
+        self.last_quantize = None                     # Outcome
+        self.last_compare: list = []                  # Outcomes of the latest Compare
+        self.current_spectra = None                   # (Settings, Spectra) shown in Inspect
+        self._files: Path | None = None
+
+    def __deepcopy__(self, memo):
+        # Gradio deep-copies state values; a session holds threads and events, and is per page anyway
+        return self
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def start(self, work, name: str) -> Job:
+        if self.busy:
+            raise WorkbenchError("a run is already going in this page; wait for it or press Cancel")
+        self.job = Job(work, name).start()
+        return self.job
+
+    def cancel(self) -> bool:
+        if self.busy:
+            self.job.cancel.set()
+            return True
+        return False
+
+    def remember(self, outcome):
+        key = (outcome.settings, outcome.method)
+        self.results.pop(key, None)
+        self.results[key] = outcome
+        while len(self.results) > RESULT_CAPACITY:
+            self.results.popitem(last=False)
+
+    def cached(self, settings, method):
+        return self.results.get((settings, method))
+
+    def remember_spectra(self, settings, spectra):
+        key = settings.spectra_key()
+        self.spectra.pop(key, None)
+        self.spectra[key] = (settings, spectra)
+        while len(self.spectra) > SPECTRA_CAPACITY:
+            self.spectra.popitem(last=False)
+        self.current_spectra = (settings, spectra)
+
+    def outcomes_for(self, model: str) -> list:
+        """The latest outcome per method for ``model``, in method order of first appearance."""
+        latest = {}
+        for (settings, method), outcome in self.results.items():
+            if settings.model == model:
+                latest[method] = outcome
+        return list(latest.values())
+
+    def files_dir(self) -> Path:
+        if self._files is None:
+            FILES_ROOT.mkdir(parents=True, exist_ok=True)
+            self._files = Path(tempfile.mkdtemp(prefix="session-", dir=FILES_ROOT))
+        return self._files
+
+    def close(self):
+        self.cancel()
+        if self._files is not None:
+            shutil.rmtree(self._files, ignore_errors=True)
+
+
+def close_session(session):
+    """``gr.State`` delete callback: the page is gone, stop its run and drop its files."""
+    if isinstance(session, Session):
+        session.close()

@@ -1,0 +1,34 @@
+"""The short explanations each tab shows, written for someone learning quantization."""
+
+INTRO = """# Quant Workbench
+Post-training quantization of a causal language model, one block at a time, with a look inside.
+Set the model and data once here; every tab uses them."""
+
+QUANTIZE = """**What happens:** each linear layer's weights are rounded to a `bits`-bit grid (one grid per
+`group size` input columns). RTN just rounds. GPTQ rounds one column at a time and moves the rounding
+error onto the columns not yet rounded, weighted by the input Hessian `H_in = E[x xᵀ]`. BoA also weighs
+the *output* side of q/k/v by how attention uses them (per-head `H_out`), and TurboBoA adds joint rows,
+a correction for the error inherited from earlier layers (dx alpha) and scale refinement.
+
+**The plot** grows as layers finish: the relative output error `‖ΔW x‖² / ‖W x‖²` of each layer on the
+calibration inputs (log scale; lower is better). Errors usually grow with depth and jump at `down`
+projections, whose inputs are spiky. **Perplexity** is measured on held-out text before and after;
+the table adds each layer's error on held-out windows and the attention error its q/k/v cause."""
+
+COMPARE = """**Same model, same data, four methods.** The curves show the per-layer error of each method
+(lower is better): GPTQ should sit well below RTN, and BoA / TurboBoA below GPTQ on q/k/v, where they
+use the attention-aware Hessians. **The heatmaps** show, for every block (rows) and attention head
+(columns), how far the quantized attention drifts from full precision on held-out text
+(log colors, one shared scale: darker is better). *after o_proj* is each head's contribution to the
+residual stream, *before o_proj* the head's own output. Results are kept per settings: running the
+same comparison again is instant."""
+
+INSPECT = """**Why some layers are hard.** A solver compensates rounding along the directions its Hessian
+says matter. The **spectrum** (eigenvalues of `H_in`, largest first, log scale) shows how unevenly the
+input energy is spread: a few huge eigenvalues mean outlier features dominate. The **condition number**
+(largest / smallest eigenvalue) measures how ill-posed the compensation is; `condition_damped` is what
+the solver actually sees after its 1% damping. *Effective rank* is exp(entropy) of the normalized
+eigenvalues; *top1_share* is the fraction of the trace held by the top 1% of eigenvalues. The
+**per-head spectra** are the attention-aware output factors BoA uses for q and k (and the value's
+per-KV-head input factor); under grouped-query attention the query heads of one KV head share
+their factor, so their lines coincide. The **scatter** puts each quantized layer's error against its spectrum."""

@@ -1,0 +1,96 @@
+"""Small renderers from run data to what the page shows: progress bar, perplexity line, tables, files."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..report import write_atomic
+from ..figures.style import method_label
+
+LAYER_COLUMNS = ["method", "name", "block", "kind", "rel_error", "heldout_rel_error", "heldout_propagated",
+                 "attn_rel_error", "loss", "seconds"]
+
+
+def progress_html(done: int, total: int, label: str, seconds: float | None = None, state: str = "running") -> str:
+    """A plain HTML bar: it keeps the plot below it visible, unlike an overlay spinner."""
+    pct = 0 if total <= 0 else min(100, round(100 * done / total))
+    color = {"running": "#2563eb", "done": "#16a34a", "cancelled": "#d97706", "error": "#dc2626"}.get(state, "#2563eb")
+    clock = "" if seconds is None else f" &middot; {seconds:.0f} s"
+    return (f'<div class="wb-progress" data-state="{state}" data-done="{done}" data-total="{total}">'
+            f'<div style="background:#e5e7eb;border-radius:6px;height:12px;overflow:hidden">'
+            f'<div style="background:{color};width:{pct}%;height:12px;transition:width .2s"></div></div>'
+            f'<div style="font-size:0.9em;margin-top:4px">{html.escape(label)}{clock}</div></div>')
+
+
+def message_html(text: str, kind: str = "info") -> str:
+    """A status box: errors are one readable line, never a traceback."""
+    style = {"info": ("#eff6ff", "#1e40af"), "error": ("#fef2f2", "#b91c1c"), "warn": ("#fffbeb", "#92400e"),
+             "ok": ("#f0fdf4", "#166534")}[kind]
+    return (f'<div class="wb-message wb-{kind}" style="background:{style[0]};color:{style[1]};'
+            f'padding:8px 12px;border-radius:6px">{html.escape(text)}</div>')
+
+
+def error_text(exc: BaseException) -> str:
+    from ..errors import WorkbenchError
+    if isinstance(exc, WorkbenchError):
+        return str(exc)
+    return f"the run failed: {type(exc).__name__}: {exc}"
+
+
+def _fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def perplexity_markdown(outcome) -> str:
+    r, s = outcome.report, outcome.settings
+    if r.ppl_fp is None:
+        return "Perplexity was skipped (evaluation windows = -1)."
+    change = 100 * (r.ppl_quant / r.ppl_fp - 1)
+    blocks = "all blocks" if s.max_blocks is None else f"first {s.max_blocks} blocks"
+    return (f"**Perplexity** on {s.eval_windows or 'all'} held-out windows of {s.seqlen} tokens: "
+            f"full precision **{_fmt(r.ppl_fp)}** &rarr; {method_label(outcome.method)} w{s.bits} "
+            f"g{s.group_size} ({blocks}) **{_fmt(r.ppl_quant)}** ({change:+.1f}%) &middot; "
+            f"quantization {r.quant_seconds:.1f} s")
+
+
+def rounded(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """Significant digits for display; the downloads keep full precision."""
+    out = frame.copy()
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(out[c]):
+            out[c] = out[c].map(lambda v: v if pd.isna(v) else float(f"{v:.{digits}g}"))
+    return out
+
+
+def layer_display(frame: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in LAYER_COLUMNS if c in frame.columns]
+    return rounded(frame[cols])
+
+
+def summary_display(rows: list[dict]) -> pd.DataFrame:
+    cols = ["method", "status", "ppl_fp", "ppl_quant", "ppl_change_pct", "quant_seconds", "mean_rel_error",
+            "mean_attention_error"]
+    frame = pd.DataFrame(rows, columns=cols)
+    frame["method"] = frame["method"].map(method_label)
+    return rounded(frame)
+
+
+def write_run_files(directory: Path, stem: str, outcomes: list) -> list[str]:
+    """The reports as JSON (settings, perplexities, layers, held-out errors) and the layers as CSV."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bundle = [{"report": o.report.to_dict(),
+               "heldout": {k: json.loads(f.to_json(orient="records")) for k, f in o.reconstruction.frames().items()}}
+              for o in outcomes]
+    j = write_atomic(directory / f"{stem}.json", json.dumps(bundle[0] if len(bundle) == 1 else bundle, indent=1))
+    layers = pd.concat([o.layers for o in outcomes], ignore_index=True)
+    c = write_atomic(directory / f"{stem}-layers.csv", layers.to_csv(index=False))
+    return [str(j), str(c)]
+
+
+def file_stem(settings, method: str) -> str:
+    model = Path(settings.model).name or "model"
+    blocks = "all" if settings.max_blocks is None else f"b{settings.max_blocks}"
+    return f"{model}-{method}-w{settings.bits}g{settings.group_size}-{blocks}"
