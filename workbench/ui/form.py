@@ -40,24 +40,23 @@ def build_form(d: AppDefaults) -> Form:
         calib = gr.Dropdown(["wikitext2"], value=d.calib, allow_custom_value=True, scale=2, elem_id="wb-calib",
                             label="Calibration text", info="wikitext2, a text file or hf:NAME[:CONFIG[:SPLIT]]")
         calib_samples = gr.Number(d.calib_samples, precision=0, label="Calibration samples", elem_id="wb-samples",
-                                  info="windows drawn", minimum=1)
-        seqlen = gr.Number(d.seqlen, precision=0, label="Sequence length", elem_id="wb-seqlen", info="tokens",
-                           minimum=2)
+                                  info="windows drawn")
+        seqlen = gr.Number(d.seqlen, precision=0, label="Sequence length", elem_id="wb-seqlen", info="tokens")
     with gr.Row(equal_height=True):
         bits = gr.Slider(2, 8, value=d.bits, step=1, label="Bits", elem_id="wb-bits")
         group_size = gr.Dropdown([-1, 32, 64, 128], value=d.group_size, allow_custom_value=True,
                                  label="Group size", info="-1: one grid per row", elem_id="wb-group")
         max_blocks = gr.Number(d.max_blocks, precision=0, label="Max blocks", info="0: all blocks",
-                               elem_id="wb-max-blocks", minimum=0)
+                               elem_id="wb-max-blocks")
         eval_windows = gr.Number(d.eval_windows, precision=0, label="Evaluation windows",
                                  info="held-out windows for perplexity (0 all, -1 skip)", elem_id="wb-eval")
         device = gr.Dropdown(["auto", "cpu", "cuda"], value=d.device, allow_custom_value=True, label="Device",
                              elem_id="wb-device")
     rows = gr.Number(d.rows_per_step, precision=0, label="Rows per step", info="rows of every head quantized together",
-                     render=False, elem_id="wb-rows", minimum=1)
+                     render=False, elem_id="wb-rows")
     alpha = gr.Slider(0, 1, value=d.dx_alpha, step=0.05, label="dx alpha",
                       info="correction for errors inherited from earlier layers", render=False, elem_id="wb-alpha")
     refine = gr.Number(d.refine_iters, precision=0, label="Refine iterations", info="scale refinement sweeps",
-                       render=False, elem_id="wb-refine", minimum=0)
+                       render=False, elem_id="wb-refine")
     return Form(model, calib, calib_samples, seqlen, eval_windows, bits, group_size, max_blocks, device,
                 rows, alpha, refine)

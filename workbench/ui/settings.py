@@ -119,9 +119,21 @@ def make_settings(model, calib, calib_samples, seqlen, eval_windows, bits, group
                  seed=_int("Seed", seed, 0), rows_per_step=_int("Rows per step", rows_per_step, 1, 4096),
                  dx_alpha=_float("dx alpha", dx_alpha, 0.0, 1.0),
                  refine_iters=_int("Refine iterations", refine_iters, 0, 100))
+    _check_device(s.device)
     for method in COMPARE_METHODS:   # the engine's own checks (grid, device...), before any work
         s.config(method).validate()
     return s
+
+
+def _check_device(device: str):
+    """The engine lets torch reject unknown device strings with a RuntimeError; name the field instead."""
+    import torch
+    if device == "auto":
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise WorkbenchError(f"Device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def method_choices() -> list[tuple[str, str]]:
