@@ -1,32 +1,78 @@
 """Full-precision models shared by every session of the app, loaded once and never modified.
 
 A run quantizes its own deep copy. Walking a model (spectra, reconstruction) briefly swaps
-its first block for an input catcher, so walks of the shared model take its lock.
+its first block for an input catcher, so walks of the shared model take its lock. Texts are
+tokenized once per model and full-precision perplexities computed once per evaluation set:
+on a CPU they cost as much as quantizing a few blocks.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from ..models.loading import LoadedModel, load_model
+
+
+class CachingTokenizer:
+    """Wraps a tokenizer: each distinct text is tokenized once, one call at a time.
+
+    Fast tokenizers are not safe to call from two threads at once, and the calibration and
+    evaluation texts are the same for every run, so both needs meet in one lock and a cache.
+    """
+
+    def __init__(self, tokenizer, capacity: int = 8):
+        self._tokenizer, self._capacity = tokenizer, capacity
+        self._lock = threading.Lock()
+        self._cache: OrderedDict = OrderedDict()
+
+    def __call__(self, text, **kwargs):
+        if not isinstance(text, str):
+            with self._lock:
+                return self._tokenizer(text, **kwargs)
+        key = (hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(), tuple(sorted(kwargs.items())))
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = self._tokenizer(text, **kwargs)
+                self._cache[key] = hit
+                while len(self._cache) > self._capacity:
+                    self._cache.popitem(last=False)
+            return hit
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
 
 
 @dataclass
 class SharedModel:
     loaded: LoadedModel
-    lock: threading.Lock
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tokenizer: CachingTokenizer = None
+    _perplexities: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokenizer is None:
+            self.tokenizer = CachingTokenizer(self.loaded.tokenizer)
 
     def private(self) -> LoadedModel:
-        """The shared weights with a tokenizer of its own (fast tokenizers are not thread-safe)."""
-        return dataclasses.replace(self.loaded, tokenizer=copy.deepcopy(self.loaded.tokenizer))
+        """The shared weights with the shared, thread-safe tokenizer."""
+        return dataclasses.replace(self.loaded, tokenizer=self.tokenizer)
 
     def working_copy(self) -> LoadedModel:
         """A deep copy to quantize in place."""
         with self.lock:
             model = copy.deepcopy(self.loaded.model).eval()
         return dataclasses.replace(self.private(), model=model)
+
+    def fp_perplexity(self, key, compute) -> float:
+        """The full-precision perplexity for ``key`` (text, windows, device), computed once."""
+        if key not in self._perplexities:
+            self._perplexities[key] = compute()
+        return self._perplexities[key]
 
 
 class ModelCache:
@@ -46,7 +92,7 @@ class ModelCache:
             with self._guard:
                 if spec in self._models:
                     return self._models[spec]
-            shared = SharedModel(self._loader(spec), threading.Lock())
+            shared = SharedModel(self._loader(spec))
             with self._guard:
                 while len(self._models) >= self._capacity:   # oldest out: models are large
                     self._models.pop(next(iter(self._models)))

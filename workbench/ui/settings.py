@@ -18,12 +18,12 @@ class AppDefaults:
     """Initial values of the forms; tests inject tiny settings, the app a quick look at a real model."""
     model: str = DEFAULT_MODEL
     calib: str = "wikitext2"
-    calib_samples: int = 16
+    calib_samples: int = 8         # small enough that Compare finishes in a minute or two on a CPU
     seqlen: int = 256
-    eval_windows: int = 8
+    eval_windows: int = 4
     bits: int = 4
     group_size: int = 64
-    max_blocks: int = 4            # 0 = all blocks
+    max_blocks: int = 2            # 0 = all blocks
     method: str = "gptq"
     rows_per_step: int = TURBO.rows_per_step
     dx_alpha: float = TURBO.dx_alpha

@@ -1,6 +1,7 @@
 """What the app's worker threads do: quantize a copy and measure it, or compute spectra."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -10,6 +11,7 @@ from ..data import calibration_windows, evaluation_windows
 from ..diagnostics import Reconstruction, Spectra, hessian_spectra, reconstruction_errors
 from ..engine import resolve_device
 from ..errors import Cancelled
+from ..evaluate import perplexity
 from ..report import Report
 from .models import SharedModel
 from .settings import Settings
@@ -50,19 +52,37 @@ def layer_table(method: str, report: Report, recon: Reconstruction) -> pd.DataFr
 def quantize_one(shared: SharedModel, settings: Settings, method: str, post, cancel) -> Outcome:
     """Quantize a private copy of the shared model with ``method``; events go to ``post``."""
     cfg = settings.config(method)
+    device = resolve_device(cfg.device)
     post("phase", f"{method}: copying the model")
     work = shared.working_copy()
     if cancel.is_set():
         raise Cancelled("run cancelled")
-    post("phase", f"{method}: full-precision perplexity and calibration")
-    result = quantize(cfg, loaded=work, on_event=lambda ev: post("event", (method, ev)), cancel=cancel)
+    evaluate = cfg.eval_windows >= 0
+    post("phase", f"{method}: tokenizing the evaluation text")
+    heldout = evaluation_windows(work.tokenizer, cfg.eval_text, cfg.seqlen, settings.heldout_windows)
+    if evaluate:
+        windows = evaluation_windows(work.tokenizer, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
+        post("phase", f"{method}: full-precision perplexity")
+        # the copy still holds the full-precision weights; every run of this model and data shares the number
+        ppl_fp = shared.fp_perplexity((cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device)),
+                                      lambda: perplexity(work.model, windows, device, cfg.batch_size))
+        work.model.to("cpu")
+    post("phase", f"{method}: calibrating")
+    # the engine would recompute the full-precision perplexity for every run; it is filled in here instead
+    result = quantize(dataclasses.replace(cfg, eval_windows=-1), loaded=work,
+                      on_event=lambda ev: post("event", (method, ev)), cancel=cancel)
+    report = result.report
+    report.config["eval_windows"] = cfg.eval_windows
+    if evaluate:
+        post("phase", f"{method}: quantized perplexity")
+        report.ppl_fp = ppl_fp
+        report.ppl_quant = perplexity(result.model, windows, device, cfg.batch_size)
+        result.model.to("cpu")
     post("phase", f"{method}: measuring errors on held-out windows")
-    ids = evaluation_windows(work.tokenizer, cfg.eval_text, cfg.seqlen, settings.heldout_windows)
     with shared.lock:
-        recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
-                                      batch_size=cfg.batch_size, device=resolve_device(cfg.device),
-                                      max_blocks=cfg.max_blocks)
-    return Outcome(method, settings, result.report, recon)
+        recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, heldout,
+                                      batch_size=cfg.batch_size, device=device, max_blocks=cfg.max_blocks)
+    return Outcome(method, settings, report, recon)
 
 
 def spectra_of(shared: SharedModel, settings: Settings, post, cancel) -> Spectra:
