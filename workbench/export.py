@@ -210,7 +210,7 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     seen, out = set(), {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
+        if t.numel() and key in seen:
             continue
         seen.add(key)
         out[name] = t
@@ -306,14 +306,14 @@ def load_dequantized(config_file: Path):
     compressed-tensors 0.20 builds its compressed modules with an unpacked zero point, so the
     packed one in the checkpoint (the layout vLLM reads) is refused as a size mismatch when
     transformers loads into them. ``dequantize`` is a transformers loading attribute that takes
-    the other route, unpacking through the same compressor; vLLM ignores the key.
+    the other route, unpacking through the same compressor; vLLM reads only the keys it knows.
     """
     config = json.loads(config_file.read_text())
     config["quantization_config"]["dequantize"] = True
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def save_quantized(result, dir: str | os.PathLike, overwrite: bool = False,
+def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
                    settings: ExportSettings | None = None) -> ExportInfo:
     """Write ``result`` (from :func:`workbench.quantize`) as a compressed-tensors pack-quantized checkpoint.
 
@@ -322,7 +322,7 @@ def save_quantized(result, dir: str | os.PathLike, overwrite: bool = False,
     written to ``export.json``. vLLM's kernels for this format serve 4- and 8-bit weights.
     """
     settings = settings or ExportSettings()
-    dir = check_save_dir(dir, overwrite)
+    path = check_save_dir(path, overwrite)
     scheme = scheme_of(result)
     dtype = settings.torch_dtype
     state = unique_state(result.model)
@@ -341,7 +341,7 @@ def save_quantized(result, dir: str | os.PathLike, overwrite: bool = False,
         raise WorkbenchError(f"packed layers not found in the model: {', '.join(sorted(missing))}")
     from compressed_tensors.compressors import ModelCompressor
     qconfig = quantization_config(result.model, result.packed, scheme)
-    with staging_dir(dir, overwrite, packed=True) as tmp:
+    with staging_dir(path, overwrite, packed=True) as tmp:
         write_model_files(tmp, result, tensors, dtype, settings)
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
         if not scheme.symmetric:
@@ -351,20 +351,20 @@ def save_quantized(result, dir: str | os.PathLike, overwrite: bool = False,
     return info
 
 
-def save_fake_quant(result, dir: str | os.PathLike, overwrite: bool = False,
+def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
                     settings: ExportSettings | None = None) -> ExportInfo:
     """Write the dequantized model as plain safetensors (float16 unless ``settings`` say otherwise).
 
     Every tool that reads transformers checkpoints loads it; it is as large as an unquantized model.
     """
     settings = settings or ExportSettings()
-    dir = check_save_dir(dir, overwrite, packed=False)
+    path = check_save_dir(path, overwrite, packed=False)
     dtype = settings.torch_dtype
     tensors = {n: (t.detach().to(dtype) if t.is_floating_point() else t.detach())
                for n, t in unique_state(result.model).items()}
     cfg = getattr(getattr(result, "report", None), "config", None) or {}
     scheme = WeightScheme(int(cfg["bits"]), int(cfg["group_size"]), bool(cfg["symmetric"])) if cfg else None
-    with staging_dir(dir, overwrite, packed=False) as tmp:
+    with staging_dir(path, overwrite, packed=False) as tmp:
         write_model_files(tmp, result, tensors, dtype, settings)
         info = measure(tmp, FORMAT_FAKE, settings.dtype, result, scheme)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
@@ -373,10 +373,10 @@ def save_fake_quant(result, dir: str | os.PathLike, overwrite: bool = False,
 
 # -- sizes ---------------------------------------------------------------------------------------
 
-def safetensors_sizes(dir: Path) -> dict[str, int]:
+def safetensors_sizes(path: Path) -> dict[str, int]:
     """Bytes each tensor takes in the directory's safetensors files, read from their headers."""
     sizes = {}
-    for f in sorted(dir.glob("*.safetensors")):
+    for f in sorted(path.glob("*.safetensors")):
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
@@ -387,13 +387,13 @@ def safetensors_sizes(dir: Path) -> dict[str, int]:
     return sizes
 
 
-def measure(dir: Path, fmt: str, dtype: str, result, scheme: WeightScheme | None) -> ExportInfo:
-    sizes = safetensors_sizes(dir)
+def measure(path: Path, fmt: str, dtype: str, result, scheme: WeightScheme | None) -> ExportInfo:
+    sizes = safetensors_sizes(path)
     layers = sorted(result.packed)
     prefixes = tuple(f"{n}.weight" for n in layers)   # .weight, .weight_packed, .weight_scale, ...
     quantized = sum(b for k, b in sizes.items() if k.startswith(prefixes))
     float16 = sum(result.packed[n].codes.numel() * 2 for n in layers)
-    total = sum(f.stat().st_size for f in dir.iterdir() if f.is_file())
+    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return ExportInfo(format=fmt, dtype=dtype, bits=scheme and scheme.bits,
                       group_size=scheme and scheme.group_size, symmetric=scheme and scheme.symmetric,
                       quantized_layers=len(layers), quantized_bytes=quantized, float16_bytes=float16,
@@ -403,25 +403,25 @@ def measure(dir: Path, fmt: str, dtype: str, result, scheme: WeightScheme | None
 
 # -- reading -------------------------------------------------------------------------------------
 
-def read_quantization_config(dir: Path):
+def read_quantization_config(path: Path):
     from compressed_tensors.quantization import QuantizationConfig
-    config_file = dir / "config.json"
+    config_file = path / "config.json"
     if not config_file.is_file():
-        raise WorkbenchError(f"{str(dir)!r} holds no config.json; point at a directory written by save_quantized")
+        raise WorkbenchError(f"{str(path)!r} holds no config.json; point at a directory written by save_quantized")
     raw = json.loads(config_file.read_text()).get("quantization_config")
     if not raw or raw.get("quant_method") != "compressed-tensors" or raw.get("format") != FORMAT_PACKED:
-        raise WorkbenchError(f"{str(dir)!r} is not a compressed-tensors {FORMAT_PACKED} checkpoint; load other "
+        raise WorkbenchError(f"{str(path)!r} is not a compressed-tensors {FORMAT_PACKED} checkpoint; load other "
                              f"checkpoints (e.g. fake-quant exports) with workbench.load_model")
     known = set(QuantizationConfig.model_fields)
     return QuantizationConfig.model_validate({k: v for k, v in raw.items() if k in known})
 
 
-def read_packed(dir: Path, scheme: WeightScheme) -> dict[str, PackedLayer]:
+def read_packed(path: Path, scheme: WeightScheme) -> dict[str, PackedLayer]:
     """Codes and grids of every packed linear, back in the workbench's unsigned convention."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
     tensors = {}
-    for f in sorted(dir.glob("*.safetensors")):
+    for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 if k.rsplit(".", 1)[-1].startswith("weight_"):
@@ -442,7 +442,7 @@ def read_packed(dir: Path, scheme: WeightScheme) -> dict[str, PackedLayer]:
     return out
 
 
-def load_quantized(dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> QuantizedCheckpoint:
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> QuantizedCheckpoint:
     """Load a checkpoint written by :func:`save_quantized` through transformers + compressed-tensors.
 
     The model comes back dense in ``dtype`` (float32 matches the in-memory quantized model),
@@ -452,21 +452,21 @@ def load_quantized(dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
     from .models.loading import quiet_transformers
-    dir = Path(dir).expanduser()
-    if not dir.is_dir():
-        raise WorkbenchError(f"{str(dir)!r} is not a directory; point at a directory written by save_quantized")
-    qconfig = read_quantization_config(dir)
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise WorkbenchError(f"{str(path)!r} is not a directory; point at a directory written by save_quantized")
+    qconfig = read_quantization_config(path)
     groups = list(qconfig.config_groups.values())
     if len(groups) != 1 or groups[0].weights is None:
-        raise WorkbenchError(f"{str(dir)!r} has {len(groups)} quantization groups; the workbench reads checkpoints "
-                             f"with one weight scheme")
+        raise WorkbenchError(f"{str(path)!r} is not a weight-only checkpoint with one quantization group; the "
+                             f"workbench reads what save_quantized writes (load others with transformers)")
     scheme = WeightScheme.from_args(groups[0].weights)
     quiet_transformers()
     with warnings.catch_warnings():
         # transformers warns that the passed loading attribute overrides the checkpoint's: that is the point
         warnings.filterwarnings("ignore", message=".*quantization_config.*")
         model = AutoModelForCausalLM.from_pretrained(
-            dir, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(dir)
-    info = ExportInfo.from_json(dir / EXPORT_INFO) if (dir / EXPORT_INFO).is_file() else None
-    return QuantizedCheckpoint(model, tokenizer, read_packed(dir, scheme), scheme, info, str(dir))
+            path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    info = ExportInfo.from_json(path / EXPORT_INFO) if (path / EXPORT_INFO).is_file() else None
+    return QuantizedCheckpoint(model, tokenizer, read_packed(path, scheme), scheme, info, str(path))
