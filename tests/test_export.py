@@ -70,7 +70,7 @@ def test_float32_export_round_trips_exactly(run, tmp_path):
     assert ck.info == info and ck.scheme == export.WeightScheme(4, 16, False)
 
 
-def test_quantize_save_dir_writes_pack_quantized(run, tokenizer):
+def test_quantize_save_dir_writes_pack_quantized(run):
     result, out = run
     config = json.loads((out / "config.json").read_text())
     q = config["quantization_config"]
