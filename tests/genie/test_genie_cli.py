@@ -21,12 +21,12 @@ FAST = ["--samples", "16", "--distill-steps", "15", "--distill-batch", "16", "--
 
 def test_cli_writes_report_and_png(tmp_path, capsys):
     report, png = tmp_path / "r.json", tmp_path / "s.png"
-    args = parse("--weight-bits", "4", "--act-bits", "4", *FAST, "--report", str(report), "--samples-png", str(png))
+    args = parse("--weight-bits", "4", "--act-bits", "4", "--swing", *FAST, "--report", str(report), "--samples-png", str(png))
     assert args.run is cli.run
     assert cli.run(args) == 0
     r = json.loads(report.read_text())
     assert r["data"] == "genie" and r["settings"]["weight_bits"] == 4 and r["settings"]["act_bits"] == 4
-    assert r["settings"]["samples"] == 16 and r["settings"]["iters"] == 20
+    assert r["settings"]["samples"] == 16 and r["settings"]["iters"] == 20 and r["settings"]["swing"] is True
     assert r["fp_accuracy"] == pytest.approx(r["recorded_fp_accuracy"], abs=0.3)
     assert 0 <= r["quant_accuracy"] <= 100
     assert r["distill_seconds"] > 0 and r["quant_seconds"] > 0

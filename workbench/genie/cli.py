@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=d.samples, help="calibration images")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps, help="Adam steps per distilled batch")
     p.add_argument("--distill-batch", type=int, default=d.distill_batch, help="images per distilled batch")
-    p.add_argument("--no-swing", dest="swing", action="store_false", help="distill without swing convolution")
+    p.add_argument("--swing", action=argparse.BooleanOptionalAction, default=d.swing,
+                   help="swing convolution during distillation (random shifts before strided convs)")
     p.add_argument("--method", default=d.method, choices=["genie", "rtn"], help="Genie-M or round to nearest")
     p.add_argument("--iters", type=int, default=d.iters, help="Genie-M optimization steps per block")
     p.add_argument("--ends-bits", type=int, default=d.ends_bits,
