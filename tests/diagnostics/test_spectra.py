@@ -60,8 +60,8 @@ def test_layer_and_head_spectra_match_explicit_hessians(build):
     x2 = x.reshape(-1, x.shape[-1]).double()
     H = 2 * x2.T @ x2 / x2.shape[0]
     ref = torch.linalg.eigvalsh(H).flip(0).clamp_min(0)
-    q_name = s.layers["name"][0]
-    got = torch.tensor(s.layer_eigenvalues.query("name == @q_name").sort_values("index")["eigenvalue"].values)
+    eigs = s.layer_eigenvalues
+    got = torch.tensor(eigs[eigs["name"] == s.layers["name"][0]].sort_values("index")["eigenvalue"].values)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6 * float(ref[0]))
     # the k H_out of block 0 against AttentionHessians fed the same input directly
     acc = AttentionHessians(geo, ids.shape[1], x.shape[-1], "cpu")
@@ -71,7 +71,8 @@ def test_layer_and_head_spectra_match_explicit_hessians(build):
     Hk = acc.finish(cos, sin)["k"]["H_out"]
     heads = s.head_eigenvalues
     for g in range(geo.n_kv_heads):
-        got = heads[(heads["block"] == 0) & (heads["kind"] == "k") & (heads["head"] == g)].sort_values("index")["eigenvalue"]
+        rows = heads[(heads["block"] == 0) & (heads["kind"] == "k") & (heads["head"] == g)]
+        got = rows.sort_values("index")["eigenvalue"]
         ref = torch.linalg.eigvalsh(Hk[g].double()).flip(0).clamp_min(0)
         assert torch.allclose(torch.tensor(got.values), ref, rtol=1e-3, atol=1e-5 * float(ref[0]))
     counts = s.heads.groupby("kind").size().to_dict()

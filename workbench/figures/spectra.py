@@ -61,7 +61,10 @@ def head_spectra_figure(head_eigenvalues: pd.DataFrame, block: int, kind: str, *
                                  hovertemplate="#%{x}: %{y:.3g}<extra>head " + str(head) + "</extra>"))
     fig.update_xaxes(title="eigenvalue rank (largest first)")
     fig.update_yaxes(title="eigenvalue", type="log", exponentformat="e")
-    return base_layout(fig, title)
+    base_layout(fig, title)
+    # one entry per head would wrap over the title in a horizontal legend
+    fig.update_layout(legend=dict(orientation="v", x=1.02, y=1, xanchor="left", yanchor="top"))
+    return fig
 
 
 def condition_heatmap(layers: pd.DataFrame, value: str = "condition", *,

@@ -46,9 +46,12 @@ def build_compare_tab(form: Form, session: gr.State, models: ModelCache) -> Comp
         table=gr.Dataframe(label="Perplexity and time", elem_id="wb-c-table", interactive=False),
         curves=gr.Plot(empty_figure(CURVES, "press Run to compare"), label="Per-layer error", elem_id="wb-c-curves"),
         heatmaps=gr.Plot(empty_figure(HEATMAPS, "filled in as each method finishes"), label="Attention error",
-                         elem_id="wb-c-heatmaps"),
-        files=gr.File(label="Downloads (JSON, CSV)", file_count="multiple", interactive=False, elem_id="wb-c-files"))
+                         elem_id="wb-c-heatmaps", render=False),
+        files=gr.File(label="Downloads (JSON, CSV)", file_count="multiple", interactive=False, elem_id="wb-c-files",
+                      render=False))
     reading = gr.Radio(READINGS, value="after_o", label="Attention error reading", elem_id="wb-c-reading")
+    view.heatmaps.render()
+    view.files.render()
 
     def on_run(sess, value, *values):
         yield from stream_compare(sess, models, view, value, values)
@@ -157,13 +160,14 @@ def stream_compare(sess, models: ModelCache, view: CompareView, reading: str, va
             live, plotted, done = [], 0, 0
             done_runs += 1
             label = f"{o.method} {'from cache' if was_cached else 'finished'}"
-            update.update({view.table: summary_rows(outcomes, status), view.heatmaps: heatmaps_figure(outcomes, reading),
+            update.update({view.table: summary_rows(outcomes, status),
+                           view.heatmaps: heatmaps_figure(outcomes, reading),
                            view.curves: curves_figure(outcomes, live, per_run)})
         elif msg.kind == "result":
             files = write_run_files(sess.files_dir(), f"compare-w{settings.bits}g{settings.group_size}", outcomes)
             n, total = overall()
             fresh = sum(1 for m in COMPARE_METHODS if cached[m] is None)
-            note = (f"all four methods shown from this page's cache" if fresh == 0
+            note = ("all four methods shown from this page's cache" if fresh == 0
                     else f"compared {len(outcomes)} methods in {elapsed:.0f} s")
             yield {view.status: message_html(note, "ok"), view.files: files,
                    view.progress: progress_html(total, total, "done", elapsed, state="done"),

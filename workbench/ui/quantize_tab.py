@@ -14,8 +14,8 @@ from . import text
 from .form import Form
 from .models import ModelCache
 from .settings import AppDefaults, make_settings, method_choices
-from .views import (error_text, file_stem, layer_display, message_html, perplexity_markdown, progress_html,
-                    write_run_files)
+from .views import (empty_layers, error_text, file_stem, layer_display, message_html, perplexity_markdown,
+                    progress_html, write_run_files)
 from .work import quantize_one
 
 PLOT_EVERY = 0.4   # seconds between plot refreshes while layers stream in
@@ -100,7 +100,7 @@ def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, v
         return
     rows, done, total, label, last_plot, plotted = [], 0, 0, "starting", 0.0, 0
     yield {view.status: message_html(f"running {method}...", "info"), view.progress: progress_html(0, 1, label, 0),
-           view.plot: empty_figure(TITLE, "waiting for the first layer"), view.ppl: "", view.table: None,
+           view.plot: empty_figure(TITLE, "waiting for the first layer"), view.ppl: "", view.table: empty_layers(),
            view.files: None}
     for msg in job.messages():
         elapsed = time.perf_counter() - job.started

@@ -15,13 +15,13 @@ calibration inputs (log scale; lower is better). Errors usually grow with depth 
 projections, whose inputs are spiky. **Perplexity** is measured on held-out text before and after;
 the table adds each layer's error on held-out windows and the attention error its q/k/v cause."""
 
-COMPARE = """**Same model, same data, four methods.** The curves show the per-layer error of each method
-(lower is better): GPTQ should sit well below RTN, and BoA / TurboBoA below GPTQ on q/k/v, where they
-use the attention-aware Hessians. **The heatmaps** show, for every block (rows) and attention head
-(columns), how far the quantized attention drifts from full precision on held-out text
-(log colors, one shared scale: darker is better). *after o_proj* is each head's contribution to the
-residual stream, *before o_proj* the head's own output. Results are kept per settings: running the
-same comparison again is instant."""
+COMPARE = """**Same model, same data, four methods.** The curves show each method's plain per-layer output
+error `‖ΔW x‖² / ‖W x‖²` (lower is better): GPTQ sits well below RTN because it minimizes exactly this.
+On q/k/v, BoA and TurboBoA may sit *above* GPTQ here: they minimize the error of the **attention output**
+instead, weighting each row by how attention uses it, and that is what the heatmaps and the
+*mean attention error* column measure. **The heatmaps** show, for every block (rows) and attention head
+(columns), how far the quantized attention drifts from full precision on held-out text (log colors, one
+shared scale: darker is better). Results are kept per settings: running the same comparison again is instant."""
 
 INSPECT = """**Why some layers are hard.** A solver compensates rounding along the directions its Hessian
 says matter. The **spectrum** (eigenvalues of `H_in`, largest first, log scale) shows how unevenly the

@@ -14,6 +14,11 @@ LAYER_COLUMNS = ["method", "name", "block", "kind", "rel_error", "heldout_rel_er
                  "attn_rel_error", "loss", "seconds"]
 
 
+SUMMARY_NAMES = {"ppl_fp": "ppl full precision", "ppl_quant": "ppl quantized", "ppl_change_pct": "ppl change %",
+                 "quant_seconds": "quantization s", "mean_rel_error": "mean layer error",
+                 "mean_attention_error": "mean attention error"}
+
+
 def progress_html(done: int, total: int, label: str, seconds: float | None = None, state: str = "running") -> str:
     """A plain HTML bar: it keeps the plot below it visible, unlike an overlay spinner."""
     pct = 0 if total <= 0 else min(100, round(100 * done / total))
@@ -65,6 +70,10 @@ def rounded(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     return out
 
 
+def empty_layers() -> pd.DataFrame:
+    return pd.DataFrame(columns=LAYER_COLUMNS)
+
+
 def layer_display(frame: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in LAYER_COLUMNS if c in frame.columns]
     return rounded(frame[cols])
@@ -75,7 +84,7 @@ def summary_display(rows: list[dict]) -> pd.DataFrame:
             "mean_attention_error"]
     frame = pd.DataFrame(rows, columns=cols)
     frame["method"] = frame["method"].map(method_label)
-    return rounded(frame)
+    return rounded(frame).rename(columns=SUMMARY_NAMES)
 
 
 def write_run_files(directory: Path, stem: str, outcomes: list) -> list[str]:
