@@ -92,8 +92,10 @@ def layer_figures(sess, name, factor):
     # the chosen layer against the first and last of its kind, normalized, to show how depth changes the shape
     others = [n for n in (same_kind["name"].iloc[[0, -1]].tolist() if len(same_kind) else []) if n != name]
     names = [name, *dict.fromkeys(others)]
+    short = name.split(f".{block}.", 1)[-1]
+    shared = f" (input shared by {stage.replace(',', ', ')})" if "," in stage else ""
     spec = spectrum_figure(spectra.layer_eigenvalues, names, normalize=len(names) > 1,
-                           title=f"H_in spectrum of {name.split('.', 2)[-1]} (input shared by {stage})")
+                           title=f"H_in spectrum, block {block} {short}{shared}")
     fac = "H_in" if factor == "v" else "H_out"
     heads = head_spectra_figure(spectra.head_eigenvalues, block, factor, factor=fac,
                                 title=f"Per-head {fac} spectra, block {block}, {factor}")

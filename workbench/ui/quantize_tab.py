@@ -99,7 +99,7 @@ def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, v
         yield {view.status: message_html(str(exc), "warn")}
         return
     rows, done, total, label, last_plot, plotted = [], 0, 0, "starting", 0.0, 0
-    yield {view.status: message_html(f"running {method}...", "info"), view.progress: progress_html(0, 1, label, 0),
+    yield {view.status: message_html(f"running {method_label(method)}...", "info"), view.progress: progress_html(0, 1, label, 0),
            view.plot: empty_figure(TITLE, "waiting for the first layer"), view.ppl: "", view.table: empty_layers(),
            view.files: None}
     for msg in job.messages():
@@ -125,7 +125,7 @@ def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, v
         elif msg.kind == "result":
             sess.remember(msg.payload)
             sess.last_quantize = msg.payload
-            yield finished_outputs(view, sess, msg.payload, f"{method} finished in {elapsed:.0f} s")
+            yield finished_outputs(view, sess, msg.payload, f"{method_label(method)} finished in {elapsed:.0f} s")
             return
         elif msg.kind == "cancelled":
             yield {view.status: message_html(f"cancelled after {done} of {total} layers", "warn"),

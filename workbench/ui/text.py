@@ -11,8 +11,8 @@ the *output* side of q/k/v by how attention uses them (per-head `H_out`), and Tu
 a correction for the error inherited from earlier layers (dx alpha) and scale refinement.
 
 **The plot** grows as layers finish: the relative output error `‖ΔW x‖² / ‖W x‖²` of each layer on the
-calibration inputs (log scale; lower is better). Errors usually grow with depth and jump at `down`
-projections, whose inputs are spiky. **Perplexity** is measured on held-out text before and after;
+calibration inputs (log scale; lower is better). Layer kinds differ by orders of magnitude; the Inspect
+tab shows how their Hessians explain it. **Perplexity** is measured on held-out text before and after;
 the table adds each layer's error on held-out windows and the attention error its q/k/v cause."""
 
 COMPARE = """**Same model, same data, four methods.** The curves show each method's plain per-layer output
