@@ -99,7 +99,8 @@ def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, v
         yield {view.status: message_html(str(exc), "warn")}
         return
     rows, done, total, label, last_plot, plotted = [], 0, 0, "starting", 0.0, 0
-    yield {view.status: message_html(f"running {method_label(method)}...", "info"), view.progress: progress_html(0, 1, label, 0),
+    yield {view.status: message_html(f"running {method_label(method)}...", "info"),
+           view.progress: progress_html(0, 1, label, 0),
            view.plot: empty_figure(TITLE, "waiting for the first layer"), view.ppl: "", view.table: empty_layers(),
            view.files: None}
     for msg in job.messages():
