@@ -1,0 +1,177 @@
+"""Attention-error explorer: a block x head heatmap; pick a cell to see that head."""
+from __future__ import annotations
+
+import ipywidgets as W
+import pandas as pd
+
+from ..diagnostics import Reconstruction, Spectra
+from ..figures import attention_heatmap, block_attention_figure, empty_figure, head_spectra_figure
+from .common import LiveFigure, Runner, SettingsForm, table_html
+from .measure import Outcome
+
+READINGS = (("after o_proj", "after_o"), ("before o_proj", "before_o"),
+            ("after o_proj, propagated", "after_o_propagated"), ("before o_proj, propagated", "before_o_propagated"))
+HEATMAP = "Attention error per head on held-out text"
+
+
+class AttentionExplorer(W.VBox):
+    """Quantize a copy with one method, measure every head on held-out windows, and browse.
+
+    ``figure``: the block x head heatmap (a click on a cell selects it when figure widgets are
+    available; ``select(block, head)`` does the same from code). ``head_figure``: the chosen
+    head's errors across blocks; ``head_spectrum_figure``: its query ``H_out`` spectrum in the
+    chosen block (needs spectra: ``run(spectra=True)`` or ``spectra=``). ``heads`` is the frame.
+
+    ``AttentionExplorer.from_outcome(compare.outcomes["boa"])`` browses a finished run.
+    """
+
+    def __init__(self, reconstruction: Reconstruction | None = None, spectra: Spectra | None = None,
+                 use_figure_widget: bool | None = None, **settings):
+        self.form = SettingsForm(**settings)
+        self.runner = Runner()
+        self.with_spectra = W.Checkbox(value=True, description="also the per-head spectra")
+        self.run_button = W.Button(description="Measure", button_style="primary", icon="play")
+        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self.reading = W.Dropdown(options=READINGS, value="after_o", description="reading")
+        self.block = W.Dropdown(options=[], description="block")
+        self.head = W.Dropdown(options=[], description="head")
+        self.heatmap = LiveFigure(empty_figure(HEATMAP, "press Measure"), use_figure_widget)
+        self.detail = LiveFigure(empty_figure("One head across blocks", "pick a cell"), use_figure_widget)
+        self.head_spectrum = LiveFigure(empty_figure("Its H_out spectrum", "needs spectra"), use_figure_widget)
+        self.cell = W.HTML()
+        self.outcome: Outcome | None = None
+        self.reconstruction: Reconstruction | None = None
+        self.spectra: Spectra | None = spectra
+        self.selected: tuple[int, int] | None = None
+        self.run_button.on_click(lambda _: self._click_run())
+        self.cancel_button.on_click(lambda _: self.runner.cancel())
+        self.reading.observe(lambda _: self._draw_heatmap(), names="value")
+        self.block.observe(lambda _: self._pick(), names="value")
+        self.head.observe(lambda _: self._pick(), names="value")
+        self._busy = False
+        super().__init__([self.form, W.HBox([self.run_button, self.cancel_button, self.with_spectra,
+                                             self.runner.progress]),
+                          self.runner.status, self.reading, self.heatmap.widget,
+                          W.HBox([self.block, self.head]), self.cell,
+                          W.HBox([self.detail.widget, self.head_spectrum.widget])])
+        if reconstruction is not None:
+            self._loaded((None, reconstruction, spectra))
+
+    @classmethod
+    def from_outcome(cls, outcome: Outcome, spectra: Spectra | None = None, **kw) -> "AttentionExplorer":
+        cfg = outcome.config
+        w = cls(spectra=spectra, model=cfg.model, method=cfg.method, bits=cfg.bits, group_size=cfg.group_size,
+                calib=cfg.calib, calib_samples=cfg.calib_samples, seqlen=cfg.seqlen, max_blocks=cfg.max_blocks,
+                eval_windows=cfg.eval_windows, **kw)
+        w._loaded((outcome, outcome.reconstruction, spectra))
+        return w
+
+    @property
+    def figure(self):
+        return self.heatmap.figure
+
+    @property
+    def head_figure(self):
+        return self.detail.figure
+
+    @property
+    def head_spectrum_figure(self):
+        return self.head_spectrum.figure
+
+    @property
+    def heads(self) -> pd.DataFrame | None:
+        return None if self.reconstruction is None else self.reconstruction.heads
+
+    @property
+    def state(self) -> str:
+        return self.runner.state
+
+    def _click_run(self):
+        try:
+            self.run(wait=False)
+        except Exception as exc:
+            self.runner.say(str(exc), "error")
+
+    def run(self, wait: bool = True, spectra: bool | None = None, **settings):
+        from .measure import quantize_and_measure, spectra_of
+        if settings:
+            self.form.set(**settings)
+        if spectra is not None:
+            self.with_spectra.value = spectra
+        cfg = self.form.config()
+        want_spectra = self.with_spectra.value
+
+        def on_event(ev):
+            if ev.kind == "layer_finished":
+                self.runner.set_progress(ev.index, ev.total)
+                self.runner.say(f"{cfg.method}: {ev.index}/{ev.total} layers")
+
+        def work(cancel):
+            outcome = quantize_and_measure(cfg, on_event, cancel)
+            spec = None
+            if want_spectra:
+                self.runner.say("per-head spectra of the full-precision model")
+                spec = spectra_of(cfg, cancel=cancel)
+            return outcome, outcome.reconstruction, spec
+
+        self.runner.start(work, self._loaded, f"loading {cfg.model}")
+        if wait:
+            self.runner.wait()
+            return self.reconstruction
+        return None
+
+    def _loaded(self, value):
+        outcome, recon, spec = value
+        self.outcome, self.reconstruction = outcome, recon
+        if spec is not None:
+            self.spectra = spec
+        heads = recon.heads
+        self._busy = True
+        try:
+            self.block.options = sorted(int(b) for b in heads["block"].unique())
+            self.head.options = sorted(int(h) for h in heads["head"].unique())
+        finally:
+            self._busy = False
+        self._draw_heatmap()
+        if len(heads):
+            worst = heads.loc[heads[self.reading.value].idxmax()]
+            self.select(int(worst["block"]), int(worst["head"]))
+
+    def _draw_heatmap(self):
+        if self.reconstruction is None:
+            return
+        method = "" if self.outcome is None else f", {self.outcome.method}"
+        value = self.reading.value
+        self.heatmap.show(attention_heatmap(self.reconstruction.heads, value,
+                                            title=f"{HEATMAP} ({value}{method}); pick a cell"))
+
+        def clicked(x, y):   # x is "h3", y the block
+            self.select(int(y), int(str(x).lstrip("h")))
+        self.heatmap.on_click(clicked)
+
+    def select(self, block: int, head: int):
+        """Show head ``head`` of block ``block``."""
+        self._busy = True
+        try:
+            self.block.value = int(block)
+            self.head.value = int(head)
+        finally:
+            self._busy = False
+        self._pick()
+
+    def _pick(self):
+        if self._busy or self.reconstruction is None or self.block.value is None or self.head.value is None:
+            return
+        block, head = int(self.block.value), int(self.head.value)
+        self.selected = (block, head)
+        heads = self.reconstruction.heads
+        rows = heads[heads["head"] == head].sort_values("block")
+        self.detail.show(block_attention_figure(rows, values=("before_o", "after_o", "after_o_propagated"),
+                                                title=f"Head {head} across blocks"))
+        cell = heads[(heads["block"] == block) & (heads["head"] == head)]
+        self.cell.value = f"<b>block {block}, head {head}</b>" + table_html(cell)
+        if self.spectra is not None and len(self.spectra.head_eigenvalues):
+            eig = self.spectra.head_eigenvalues
+            mine = eig[(eig["head"] == head) & (eig["kind"] == "q")]
+            self.head_spectrum.show(head_spectra_figure(mine, block, "q", factor="H_out",
+                                                        title=f"Query H_out spectrum, block {block}, head {head}"))

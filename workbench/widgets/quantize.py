@@ -1,0 +1,137 @@
+"""Quantize one model with one method; a progress bar and the per-layer error curve grow live."""
+from __future__ import annotations
+
+import ipywidgets as W
+import pandas as pd
+
+from ..api import QuantizeResult, quantize
+from ..figures import empty_figure, kind_error_figure, progress_figure
+from ..figures.layers import layer_error_figure
+from .common import LiveFigure, Runner, SettingsForm, Throttle, table_html, working_copy
+
+CURVE_TITLE = "Relative output error per layer"
+
+
+class QuantizeWidget(W.VBox):
+    """Form, Run and Cancel, a progress bar, the live per-layer error curve and the report.
+
+    Programmatic use::
+
+        w = QuantizeWidget(model="smollm2-135m", method="gptq", bits=4)
+        result = w.run()            # waits; w.run(wait=False) returns at once
+        w.report.to_frame(); w.figure.data[0].y
+
+    ``figure``: the live error curve (``LiveFigure.figure``); ``kinds_figure``: mean error
+    by layer kind; ``result``: the ``QuantizeResult``; ``events``: every engine event.
+    """
+
+    def __init__(self, use_figure_widget: bool | None = None, **settings):
+        self.form = SettingsForm(**settings)
+        self.runner = Runner()
+        self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self.curve = LiveFigure(empty_figure(CURVE_TITLE, "press Run"), use_figure_widget)
+        self.kinds = LiveFigure(empty_figure("Mean error by layer kind", "after the run"), use_figure_widget)
+        self.summary = W.HTML()
+        self.table = W.HTML()
+        self.result: QuantizeResult | None = None
+        self.events: list = []
+        self.live: list[dict] = []
+        self.total = 0
+        self.run_button.on_click(lambda _: self._click_run())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        super().__init__([self.form, W.HBox([self.run_button, self.cancel_button, self.runner.progress]),
+                          self.runner.status, self.curve.widget, self.summary,
+                          W.HBox([self.kinds.widget, self.table])])
+
+    # -- what tests and notebooks read ----------------------------------------------------
+    @property
+    def figure(self):
+        return self.curve.figure
+
+    @property
+    def kinds_figure(self):
+        return self.kinds.figure
+
+    @property
+    def report(self):
+        return None if self.result is None else self.result.report
+
+    @property
+    def frame(self) -> pd.DataFrame | None:
+        return None if self.result is None else self.result.report.to_frame()
+
+    @property
+    def state(self) -> str:
+        return self.runner.state
+
+    # -- running -------------------------------------------------------------------------------
+    def _click_run(self):
+        try:
+            self.run(wait=False)
+        except Exception as exc:
+            self.runner.say(str(exc), "error")
+
+    def run(self, wait: bool = True, **settings) -> QuantizeResult | None:
+        """Quantize with the form's settings (``settings`` set form fields first)."""
+        if settings:
+            self.form.set(**settings)
+        cfg = self.form.config()
+        self.events, self.live, self.total, self.result = [], [], 0, None
+        throttle = Throttle()
+        self.curve.show(empty_figure(CURVE_TITLE, f"loading {cfg.model}"))
+
+        def on_event(ev):
+            self.events.append(ev)
+            self.total = ev.total or self.total
+            if ev.kind == "layer_finished":
+                self.live.append({"method": cfg.method, "name": ev.layer, "block": ev.block,
+                                  "kind": ev.layer_kind, "rel_error": ev.rel_error})
+                self.runner.set_progress(ev.index, ev.total)
+                self.runner.say(f"{cfg.method}: {ev.index}/{ev.total} layers, last {ev.layer}")
+                if throttle():
+                    self._draw_live()
+            elif ev.kind == "start":
+                self.runner.set_progress(0, ev.total)
+                self.runner.say(f"{cfg.method}: calibrating")
+
+        def work(cancel):
+            loaded = working_copy(cfg.model)
+            return quantize(cfg, loaded=loaded, on_event=on_event, cancel=cancel)
+
+        self.runner.start(work, self._finished, f"loading {cfg.model}")
+        if wait:
+            self.runner.wait()
+            return self.result
+        return None
+
+    def _draw_live(self):
+        self.curve.show(progress_figure(pd.DataFrame(self.live), self.total))
+
+    def _finished(self, result: QuantizeResult):
+        self.result = result
+        frame = result.report.to_frame()
+        frame.insert(0, "method", result.report.method)
+        self.curve.show(layer_error_figure(frame, title=CURVE_TITLE, total_layers=len(frame)))
+        self.kinds.show(kind_error_figure(frame))
+        self.summary.value = summary_html(result.report)
+        cols = [c for c in ("name", "rel_error", "attn_rel_error", "loss", "seconds") if c in frame.columns]
+        self.table.value = table_html(frame.sort_values("rel_error", ascending=False)[cols].head(8))
+
+    def cancel(self) -> bool:
+        return self.runner.cancel()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.runner.wait(timeout)
+
+
+def summary_html(report) -> str:
+    cfg = report.config
+    blocks = "all blocks" if not cfg.get("max_blocks") else f"first {cfg['max_blocks']} blocks"
+    if report.ppl_fp is None or report.ppl_quant is None:
+        ppl = "perplexity skipped"
+    else:
+        ppl = (f"perplexity {report.ppl_fp:.3f} &rarr; <b>{report.ppl_quant:.3f}</b> "
+               f"({100 * (report.ppl_quant / report.ppl_fp - 1):+.1f}%)")
+    return (f"<b>{report.method}</b> w{cfg.get('bits')} g{cfg.get('group_size')} on {blocks}: {ppl}, "
+            f"quantization {report.quant_seconds:.1f} s, {len(report.layers)} layers")
