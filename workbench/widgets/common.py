@@ -154,7 +154,10 @@ class LiveFigure:
         self.updates = 0
 
     def _draw(self):
+        from IPython import get_ipython
         from IPython.display import display
+        if get_ipython() is None:   # no kernel to show it in (plain Python, tests)
+            return
         self.widget.clear_output(wait=True)
         with self.widget:
             display(self.figure)
@@ -237,7 +240,13 @@ class SettingsForm(W.VBox):
                 v = v or 0
             if not isinstance(getattr(self, k, None), W.ValueWidget):
                 raise WorkbenchError(f"the form has no field {k!r}")
-            getattr(self, k).value = v
+            w = getattr(self, k)
+            low, high = getattr(w, "min", None), getattr(w, "max", None)
+            if low is not None and not low <= v <= high:   # a slider would clamp silently
+                raise WorkbenchError(f"{k} must be from {low} to {high}, got {v!r}")
+            if isinstance(w, W.Dropdown) and v not in [o[1] if isinstance(o, tuple) else o for o in w.options]:
+                w.options = list(w.options) + [v]          # e.g. a group size not in the list
+            w.value = v
 
     def config(self, method: str | None = None) -> QuantizeConfig:
         values = dict(self.base)

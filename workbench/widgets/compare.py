@@ -26,8 +26,10 @@ class CompareWidget(W.VBox):
     panel per method on a shared color scale), ``kinds_figure``; ``summary`` is a frame.
     """
 
-    def __init__(self, methods=DEFAULT_METHODS, use_figure_widget: bool | None = None, **settings):
+    def __init__(self, methods=DEFAULT_METHODS, use_figure_widget: bool | None = None, plot_every: float = 0.5,
+                 **settings):
         self.form = SettingsForm(methods=False, **settings)
+        self.plot_every = plot_every
         self.methods = W.SelectMultiple(options=[(method_label(m), m) for m in METHODS], value=tuple(methods),
                                         description="methods", rows=len(METHODS))
         self.reading = W.Dropdown(options=READINGS, value="after_o", description="attention")
@@ -99,7 +101,7 @@ class CompareWidget(W.VBox):
         self.outcomes, self.live = {}, []
         self.curves.show(empty_figure(CURVES, "waiting for the first layer"))
         self.heatmaps.show(empty_figure(HEATMAPS, "filled in as each method finishes"))
-        throttle = Throttle()
+        throttle = Throttle(self.plot_every)
         state = {"per_run": 0, "finished": 0}
 
         def on_event(method):

@@ -25,8 +25,9 @@ class QuantizeWidget(W.VBox):
     by layer kind; ``result``: the ``QuantizeResult``; ``events``: every engine event.
     """
 
-    def __init__(self, use_figure_widget: bool | None = None, **settings):
+    def __init__(self, use_figure_widget: bool | None = None, plot_every: float = 0.3, **settings):
         self.form = SettingsForm(**settings)
+        self.plot_every = plot_every
         self.runner = Runner()
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
@@ -78,7 +79,7 @@ class QuantizeWidget(W.VBox):
             self.form.set(**settings)
         cfg = self.form.config()
         self.events, self.live, self.total, self.result = [], [], 0, None
-        throttle = Throttle()
+        throttle = Throttle(self.plot_every)
         self.curve.show(empty_figure(CURVE_TITLE, f"loading {cfg.model}"))
 
         def on_event(ev):

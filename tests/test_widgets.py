@@ -1,0 +1,174 @@
+"""The Jupyter widgets, driven from code on tiny models: results, live updates and figures."""
+from __future__ import annotations
+
+import os
+
+import plotly.graph_objects as go
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.widgets import (AttentionExplorer, CompareWidget, GenieGallery, QuantizeWidget,  # noqa: E402
+                               SpectrumExplorer, notebook_settings)
+from workbench.widgets.common import FAST_ENV, MODEL_ENV  # noqa: E402
+
+LAYERS = 14            # tiny LLaMA: 2 blocks x 7 linears
+SMALL = dict(group_size=32, calib_samples=4, seqlen=64, max_blocks=None, eval_windows=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_env():
+    old = os.environ.get(FAST_ENV)
+    os.environ[FAST_ENV] = "1"
+    yield
+    if old is None:
+        os.environ.pop(FAST_ENV, None)
+    else:
+        os.environ[FAST_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoints):
+    return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="module")
+def compared(llama):
+    w = CompareWidget(model=llama, **SMALL)
+    w.run()
+    return w
+
+
+def test_notebook_settings_follow_the_environment(monkeypatch):
+    monkeypatch.setenv(FAST_ENV, "1")
+    monkeypatch.setenv(MODEL_ENV, "/some/model")
+    s = notebook_settings()
+    assert s == dict(calib_samples=4, seqlen=64, max_blocks=2, eval_windows=2, model="/some/model")
+    monkeypatch.setenv(FAST_ENV, "0")
+    monkeypatch.delenv(MODEL_ENV)
+    s = notebook_settings(bits=3)
+    assert s["model"] == "smollm2-135m" and s["max_blocks"] == 6 and s["bits"] == 3
+
+
+def test_quantize_widget_grows_live_and_reports(llama):
+    w = QuantizeWidget(model=llama, method="gptq", bits=4, plot_every=0.0, **SMALL)
+    lengths = []
+    show = w.curve.show
+
+    def recording(fig):
+        show(fig)
+        lengths.append(sum(len(t.y) for t in w.figure.data if t.y is not None))
+    w.curve.show = recording
+    result = w.run()
+    assert w.state == "done" and result is w.result
+    assert [e.kind for e in w.events][0] == "start" and w.events[-1].kind == "done"
+    assert sum(e.kind == "layer_finished" for e in w.events) == LAYERS
+    assert w.runner.progress.value == w.runner.progress.max == LAYERS
+    # the curve was redrawn after every layer, one point more each time, then the final figure
+    assert lengths[-1] == LAYERS and lengths[1:LAYERS + 1] == list(range(1, LAYERS + 1))
+    assert len(w.figure.data) == 1 and list(w.figure.data[0].y) == w.frame["rel_error"].tolist()
+    assert w.frame.shape[0] == LAYERS and w.report.ppl_quant is not None
+    assert len(w.kinds_figure.data) == 1 and len(w.kinds_figure.data[0].x) == 7
+    assert "gptq" in w.summary.value and "rel_error" in w.table.value
+
+
+def test_quantize_widget_form_values_reach_the_engine(llama):
+    w = QuantizeWidget(model=llama, **SMALL)
+    w.form.set(method="rtn", bits=3, max_blocks=1)
+    w.run()
+    cfg = w.report.config
+    assert (w.report.method, cfg["bits"], cfg["max_blocks"], cfg["group_size"]) == ("rtn", 3, 1, 32)
+    assert len(w.figure.data[0].y) == 7
+
+
+def test_quantize_widget_cancel_and_errors(llama):
+    w = QuantizeWidget(model=llama, method="gptq", **SMALL)
+    w.run(wait=False)
+    assert w.cancel()
+    assert w.wait() == "cancelled" and w.result is None
+    assert not w.cancel()   # nothing runs now
+    with pytest.raises(WorkbenchError):
+        w.run(bits=9)        # refused by the form before any thread starts
+    bad = QuantizeWidget(model=os.path.join(llama, "missing"), **SMALL)
+    with pytest.raises(Exception):
+        bad.run()
+    assert bad.state == "error" and "missing" in bad.runner.status.value
+
+
+def test_quantize_widget_without_figure_widgets(tiny_checkpoints):
+    w = QuantizeWidget(model=tiny_checkpoints["opt"], method="rtn", use_figure_widget=False, **SMALL)
+    assert not isinstance(w.figure, go.FigureWidget)
+    w.run()
+    assert isinstance(w.figure, go.Figure) and len(w.figure.data[0].y) == 12   # OPT: 2 blocks x 6
+    assert w.curve.updates >= 2
+
+
+def test_compare_widget_side_by_side(compared):
+    w = compared
+    assert w.state == "done" and list(w.outcomes) == ["gptq", "boa", "turboboa"]
+    assert [t.name for t in w.figure.data] == ["GPTQ", "BoA", "TurboBoA"]
+    assert all(len(t.y) == LAYERS for t in w.figure.data)
+    assert len(w.heatmaps_figure.data) == 3 and all(t.type == "heatmap" for t in w.heatmaps_figure.data)
+    assert all(len(t.z) == 2 and len(t.z[0]) == 4 for t in w.heatmaps_figure.data)   # 2 blocks x 4 heads
+    assert len(w.kinds_figure.data) == 3
+    assert w.summary["method"].tolist() == ["gptq", "boa", "turboboa"]
+    assert w.summary["ppl_fp"].nunique() == 1            # the same model and settings for all three
+    assert w.frame.shape[0] == 3 * LAYERS and "heldout_rel_error" in w.frame
+    before = [list(map(list, t.z)) for t in w.heatmaps_figure.data]
+    w.reading.value = "before_o"
+    assert [list(map(list, t.z)) for t in w.heatmaps_figure.data] != before
+
+
+def test_spectrum_explorer(llama):
+    w = SpectrumExplorer(model=llama, **SMALL)
+    spectra = w.run()
+    assert w.state == "done" and len(w.layers) == LAYERS and spectra is w.spectra
+    w.select("1.k", factor="k")
+    assert w.layer.value == "model.layers.1.self_attn.k_proj"
+    assert len(w.figure.data) == 1 and len(w.figure.data[0].y) == 64          # H_in of the 64-wide input
+    assert len(w.heads_figure.data) == 2                                       # 2 KV heads
+    w.select(factor="q")
+    assert len(w.heads_figure.data) == 4                                       # 4 query heads
+    w.select("0.down", normalize=True)
+    assert max(v for v in w.figure.data[0].y if v == v) == pytest.approx(1.0)
+    assert len(w.figure.data[0].y) == 128
+    assert w.condition_figure.data[0].type == "heatmap" and len(w.condition_figure.data[0].z) == 2
+    with pytest.raises(ValueError):
+        w.select("7.q")
+
+
+def test_attention_explorer_from_a_compare_run(compared):
+    spectra = SpectrumExplorer(model=compared.form.model.value, **SMALL).run()
+    w = AttentionExplorer.from_outcome(compared.outcomes["boa"], spectra=spectra)
+    assert w.figure.data[0].type == "heatmap" and len(w.figure.data[0].z) == 2
+    heads = w.heads
+    worst = heads.loc[heads["after_o"].idxmax()]
+    assert w.selected == (int(worst["block"]), int(worst["head"]))      # opens on the worst head
+    w.select(1, 2)
+    assert w.selected == (1, 2)
+    assert [len(t.y) for t in w.head_figure.data] == [2, 2, 2]          # three readings across 2 blocks
+    expected = heads[(heads["head"] == 2)].sort_values("block")["after_o"].tolist()
+    assert list(w.head_figure.data[1].y) == pytest.approx(expected)
+    assert len(w.head_spectrum_figure.data) == 1 and "head 2" in w.head_spectrum_figure.layout.title.text
+    assert "block 1, head 2" in w.cell.value
+
+
+def test_attention_explorer_runs_its_own_method(llama):
+    w = AttentionExplorer(model=llama, method="rtn", **SMALL)
+    w.run(spectra=False)
+    assert w.state == "done" and w.outcome.method == "rtn" and w.spectra is None
+    assert len(w.heads) == 2 * 4 and w.selected is not None
+
+
+def test_genie_gallery(monkeypatch):
+    w = GenieGallery(show=8, samples=16, distill_steps=3, distill_batch=16, iters=5, weight_bits=4)
+    images = w.synthesize()
+    assert images.shape == (16, 1, 16, 16)
+    assert w.gallery_figure.data[0].type == "image"
+    row = w.quantize()
+    assert row["images"] == 16 and row["quantizer"] == "Genie-M" and 0 <= row["quantized"] <= 100
+    w.quantize(method="rtn", data="noise")
+    assert [r["data"] for r in w.rows] == ["genie", "noise"]
+    table = w.figure.data[0]
+    assert table.type == "table" and len(table.cells.values[0]) == 2
