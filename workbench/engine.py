@@ -7,6 +7,7 @@ pass per block serves every layer. Only the block being worked on sits on the de
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -156,7 +157,6 @@ class BlockQuantizer:
         return self.result
 
     def _frozen_copy(self, block):
-        import copy
         return copy.deepcopy(block)
 
     def _run_block(self, b, block, fp_block, hidden, hidden_fp, ctx):
@@ -165,15 +165,15 @@ class BlockQuantizer:
         gens_fp = None if fp_block is None else [self.family.block_forward(fp_block, h.to(dev), ctx)
                                                  for h in hidden_fp]
         t0 = time.perf_counter()
-        stages, outs = _advance(gens, None)
-        stages_fp, outs_fp = _advance(gens_fp, None) if gens_fp else (None, None)
+        stages, outs = _advance(gens)
+        stages_fp, outs_fp = _advance(gens_fp) if gens_fp else (None, None)
         self._tick("forward", t0)
         while stages is not None:
             self._quantize_stage(b, block, stages, stages_fp, ctx)
             t0 = time.perf_counter()
-            stages, outs = _advance(gens, stages)
+            stages, outs = _advance(gens)
             if gens_fp:
-                stages_fp, outs_fp = _advance(gens_fp, stages_fp)
+                stages_fp, outs_fp = _advance(gens_fp)
             self._tick("forward", t0)
         return [o.cpu() for o in outs], (None if outs_fp is None else [o.cpu() for o in outs_fp])
 
@@ -273,7 +273,7 @@ def rtn_result(W: torch.Tensor, H: torch.Tensor, grid: GridConfig) -> SolveResul
     return SolveResult(weight=Q, codes=codes.to(torch.uint8), scale=scale, zero=zero, loss=float(loss))
 
 
-def _advance(gens, previous):
+def _advance(gens):
     """Resume every batch's block generator to its next stage; returns (stages, None) or (None, outputs)."""
     stages, outs = [], []
     for g in gens:
