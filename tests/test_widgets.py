@@ -85,6 +85,8 @@ def test_quantize_widget_form_values_reach_the_engine(llama):
 def test_quantize_widget_cancel_and_errors(llama):
     w = QuantizeWidget(model=llama, method="gptq", **SMALL)
     w.run(wait=False)
+    with pytest.raises(WorkbenchError, match="already in progress"):
+        w.run(wait=False)
     assert w.cancel()
     assert w.wait() == "cancelled" and w.result is None
     assert not w.cancel()   # nothing runs now

@@ -93,6 +93,7 @@ class AttentionExplorer(W.VBox):
             self.runner.say(str(exc), "error")
 
     def run(self, wait: bool = True, spectra: bool | None = None, **settings):
+        self.runner.check_idle()
         from .measure import quantize_and_measure, spectra_of
         if settings:
             self.form.set(**settings)

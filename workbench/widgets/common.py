@@ -297,10 +297,13 @@ class Runner:
         self.progress.max = total
         self.progress.value = min(int(done), total)
 
-    def start(self, work: Callable[[threading.Event], object], on_done: Callable[[object], None],
-              label: str = "running") -> threading.Thread:
+    def check_idle(self):
         if self.running:
             raise WorkbenchError("a run is already in progress; wait for it or press Cancel")
+
+    def start(self, work: Callable[[threading.Event], object], on_done: Callable[[object], None],
+              label: str = "running") -> threading.Thread:
+        self.check_idle()
         self.cancel_event = threading.Event()
         self.error, self.state, self.started = None, "running", time.perf_counter()
         self.progress.bar_style = "info"

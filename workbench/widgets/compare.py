@@ -89,6 +89,7 @@ class CompareWidget(W.VBox):
             self.runner.say(str(exc), "error")
 
     def run(self, wait: bool = True, methods=None, **settings) -> dict[str, Outcome] | None:
+        self.runner.check_idle()
         if settings:
             self.form.set(**settings)
         if methods is not None:

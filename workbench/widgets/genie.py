@@ -13,6 +13,7 @@ from ..figures.genie import accuracy_table_figure, samples_figure
 from ..genie.data import DigitsConfig, load_digits_split
 from ..genie.evaluate import accuracy
 from ..genie.model import load_default_model
+from ..genie.qlayers import find_units
 from ..genie.pipeline import DATA_SOURCES, GenieRunConfig, calibration_images
 from ..genie.quantize import quantize_model
 from .common import LiveFigure, Runner, genie_settings
@@ -145,9 +146,12 @@ class GenieGallery(W.VBox):
             if step % 20 == 0:
                 self.runner.say(f"{METHOD_LABELS[cfg.method]}: {unit}, step {step}, loss {loss:.3g}")
 
+        n_units = max(1, len(find_units(model)))
+        self.runner.set_progress(0, n_units)
+
         def on_unit(rep):
             units_done.append(rep)
-            self.runner.set_progress(len(units_done), max(len(units_done) + 1, self.runner.progress.max))
+            self.runner.set_progress(len(units_done), n_units)
 
         result = quantize_model(model, images, cfg.quant_config(), callback=on_step, on_unit=on_unit)
         self.last_units = result.units
@@ -168,6 +172,7 @@ class GenieGallery(W.VBox):
 
     def synthesize(self, wait: bool = True, **settings):
         """Calibration images from the chosen source; returns them when ``wait``."""
+        self.runner.check_idle()
         self.set(**settings)
         cfg = self.config()
         self.runner.start(lambda cancel: (self._distill(cfg, cancel), cfg.data),
@@ -179,6 +184,7 @@ class GenieGallery(W.VBox):
 
     def quantize(self, wait: bool = True, **settings):
         """Quantize on the current images (synthesized first if there are none or the source changed)."""
+        self.runner.check_idle()
         self.set(**settings)
         cfg = self.config()
         reuse = self.images is not None and self.images_source == cfg.data and len(self.images) == cfg.samples
@@ -187,7 +193,6 @@ class GenieGallery(W.VBox):
             images = self.images if reuse else self._distill(cfg, cancel)
             if not reuse:
                 self._show_images(images, cfg.data)
-            self.runner.set_progress(0, 1)
             return self._quantize(cfg, images, cancel)
 
         self.runner.start(work, self._add_row, "quantizing")

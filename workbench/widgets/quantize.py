@@ -75,6 +75,7 @@ class QuantizeWidget(W.VBox):
 
     def run(self, wait: bool = True, **settings) -> QuantizeResult | None:
         """Quantize with the form's settings (``settings`` set form fields first)."""
+        self.runner.check_idle()
         if settings:
             self.form.set(**settings)
         cfg = self.form.config()

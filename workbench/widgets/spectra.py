@@ -73,6 +73,7 @@ class SpectrumExplorer(W.VBox):
             self.runner.say(str(exc), "error")
 
     def run(self, wait: bool = True, **settings) -> Spectra | None:
+        self.runner.check_idle()
         from .measure import spectra_of
         if settings:
             self.form.set(**settings)
