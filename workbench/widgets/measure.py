@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..api import QuantizeConfig, quantize
-from ..data import evaluation_windows
+from ..data import calibration_windows, evaluation_windows
 from ..diagnostics import Reconstruction, Spectra, hessian_spectra, reconstruction_errors
-from ..data import calibration_windows
 from ..engine import resolve_device
 from ..errors import Cancelled
 from ..report import Report
