@@ -11,7 +11,7 @@ pytest.importorskip("ipywidgets")
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.widgets import (AttentionExplorer, CompareWidget, GenieGallery, QuantizeWidget,  # noqa: E402
                                SpectrumExplorer, notebook_settings)
-from workbench.widgets.common import FAST_ENV, MODEL_ENV  # noqa: E402
+from workbench.widgets.common import FAST_ENV, FIGURE_WIDGETS_ENV, MODEL_ENV, LiveFigure  # noqa: E402
 
 LAYERS = 14            # tiny LLaMA: 2 blocks x 7 linears
 SMALL = dict(group_size=32, calib_samples=4, seqlen=64, max_blocks=None, eval_windows=2)
@@ -104,6 +104,15 @@ def test_quantize_widget_without_figure_widgets(tiny_checkpoints):
     w.run()
     assert isinstance(w.figure, go.Figure) and len(w.figure.data[0].y) == 12   # OPT: 2 blocks x 6
     assert w.curve.updates >= 2
+
+
+def test_live_figure_can_be_asked_to_skip_figure_widgets(monkeypatch):
+    monkeypatch.setenv(FIGURE_WIDGETS_ENV, "0")
+    live = LiveFigure(go.Figure())
+    assert not live.use_widget and not isinstance(live.figure, go.FigureWidget)
+    live.show(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])))
+    assert list(live.figure.data[0].y) == [3, 4] and live.updates == 1
+    assert not live.on_click(lambda x, y: None)    # clicks need a FigureWidget
 
 
 def test_compare_widget_side_by_side(compared):

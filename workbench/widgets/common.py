@@ -21,6 +21,7 @@ from ..models.loading import DEFAULT_MODEL, LoadedModel, load_model
 
 FAST_ENV = "WORKBENCH_FAST"
 MODEL_ENV = "WORKBENCH_NOTEBOOK_MODEL"
+FIGURE_WIDGETS_ENV = "WORKBENCH_FIGURE_WIDGETS"
 GROUP_SIZES = [32, 64, 192, -1]
 CALIB_SOURCES = ["wikitext2"]
 
@@ -125,7 +126,13 @@ def forget_models():
 
 # -- live figures ----------------------------------------------------------------------------
 def figure_widgets_available() -> bool:
-    """plotly's FigureWidget needs ``anywidget``; without it figures are redrawn in an Output."""
+    """plotly's FigureWidget needs ``anywidget``; without it figures are redrawn in an Output.
+
+    ``WORKBENCH_FIGURE_WIDGETS=0`` asks for the Output version anyway: every FigureWidget
+    carries plotly.js (about 5 MB) in its widget state, which a saved notebook keeps.
+    """
+    if os.environ.get(FIGURE_WIDGETS_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return False
     try:
         import anywidget  # noqa: F401
         return True
