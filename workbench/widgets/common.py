@@ -162,12 +162,11 @@ class LiveFigure:
 
     def _draw(self):
         from IPython import get_ipython
-        from IPython.display import display
         if get_ipython() is None:   # no kernel to show it in (plain Python, tests)
             return
-        self.widget.clear_output(wait=True)
-        with self.widget:
-            display(self.figure)
+        # one assignment, not ``with output: display(...)``: runs draw from worker threads
+        bundle = self.figure._repr_mimebundle_()
+        self.widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
     def show(self, fig: go.Figure):
         """Replace traces and layout with those of ``fig`` (a figure from ``workbench.figures``)."""
