@@ -28,8 +28,7 @@ def batchnorm_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
 
 def channel_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation over batch and space of ``x`` [N, C, H, W]."""
-    mean = x.mean(dim=(0, 2, 3))
-    var = x.var(dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
     return mean, torch.sqrt(var + eps)
 
 
