@@ -10,7 +10,7 @@ import torch
 
 from .attention_hessians import VALUE_OUTPUTS
 from .data import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, evaluation_windows
-from .engine import BlockQuantizer, EngineResult, PackedLayer, resolve_device
+from .engine import EngineResult, PackedLayer, make_quantizer, resolve_device
 from .errors import WorkbenchError
 from .evaluate import perplexity
 from .methods import method_spec
@@ -47,6 +47,10 @@ class QuantizeConfig:
     grid_at_start: bool | None = None # grids from the initial weights instead of when a row is reached
     value_output: str = "identity"    # value projection's output factor: identity or o_proj
     measure_batches: int = 2          # calibration batches for the attention error of q/k/v
+    # learned rounding, aespa / brecq (None: the default of LearnedOptions)
+    iters: int | None = None          # optimizer steps per layer (aespa) or per block (brecq)
+    lr: float | None = None           # Adam learning rate of the rounding variables
+    init: str | None = None           # starting rounding for aespa: rtn, gptq or boa
 
     def grid(self) -> GridConfig:
         return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
@@ -59,9 +63,22 @@ class QuantizeConfig:
         return dataclasses.replace(base, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
                                    **chosen)
 
+    def learned(self) -> dict:
+        """Options of the learned-rounding methods, checked; only those set."""
+        from .aespa import LearnedOptions
+        chosen = {k: getattr(self, k) for k in ("iters", "lr", "init") if getattr(self, k) is not None}
+        LearnedOptions(**chosen)
+        return chosen
+
     def validate(self):
         self.grid()
-        method_spec(self.method)
+        spec = method_spec(self.method)
+        learned = self.learned()
+        if learned and spec.learned is None:
+            raise WorkbenchError(f"--{', --'.join(learned)} apply to the learned-rounding methods (aespa, brecq), "
+                                 f"not {self.method}")
+        if learned.get("init", "rtn") != "rtn" and spec.learned != "layer":
+            raise WorkbenchError(f"--init {learned['init']} is for aespa; {self.method} starts from round to nearest")
         if self.calib_samples < 1:
             raise WorkbenchError(f"--calib-samples must be at least 1, got {self.calib_samples}")
         if self.seqlen < 2:
@@ -142,9 +159,10 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                 _FP_PERPLEXITY[key] = ppl_fp
     loaded.model.to("cpu")
     spec = method_spec(cfg.method)
-    engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
+    engine = make_quantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
                             cfg.batch_size, cfg.max_blocks, on_event, cancel,
-                            options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches})
+                            options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
+                                     "learned": {"seed": cfg.seed, **cfg.learned()}})
     t0 = time.perf_counter()
     result: EngineResult = engine.run(calib)
     quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing

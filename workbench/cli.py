@@ -39,6 +39,11 @@ def add_quantize_parser(sub):
                    help="grids from the initial weights (BoA) or when each row is reached (TurboBoA)")
     g.add_argument("--value-output", default=d.value_output, choices=["identity", "o_proj"],
                    help="output factor of the value projection's Hessian")
+    g = p.add_argument_group("aespa / BRECQ (learned rounding)")
+    g.add_argument("--iters", type=int, default=None, help="optimizer steps per layer (aespa) or block (brecq); default 500")
+    g.add_argument("--lr", type=float, default=None, help="learning rate of the rounding variables; default 0.01")
+    g.add_argument("--init", default=None, choices=["rtn", "gptq", "boa"],
+                   help="aespa's starting rounding; default rtn")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write the quantized model here (compressed-tensors pack-quantized, loads in transformers/vLLM)")

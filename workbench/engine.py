@@ -246,7 +246,8 @@ class BlockQuantizer:
         rel = relative_error(res.weight - W32, W32, H)
         layer.weight.data = res.weight.to(W.dtype)
         self.result.packed[name] = PackedLayer(res.codes.cpu(), res.scale.cpu(), res.zero.cpu())
-        record = LayerRecord(name=name, block=b, kind=kind, loss=res.loss, rel_error=rel, seconds=seconds)
+        record = LayerRecord(name=name, block=b, kind=kind, loss=res.loss, rel_error=rel, seconds=seconds,
+                             extra=dict(getattr(res, "extra", None) or {}))
         self.result.layers.append(record)
         self.done += 1
         return record
@@ -256,11 +257,23 @@ class BlockQuantizer:
                   loss=record.loss, rel_error=record.rel_error, seconds=record.seconds)
 
     def solve_layer(self, W, H, kind, cov: InputCovariance, stats: dict) -> SolveResult:
+        if self.method.learned == "layer":
+            from .aespa import LearnedOptions, aespa_solve
+            return aespa_solve(W, H, stats, self.grid, self.solver, LearnedOptions(**self.options.get("learned", {})),
+                               self.check_cancel)
         if self.method.solver is None:
             return rtn_result(W, H, self.grid)
         H_in = stats.get("H_in", H)
         return solve(W, H_in, self.grid, self.solver, H_out=stats.get("H_out"), cross=cov.C,
                      cross_H=None if H_in is H else H)
+
+
+def make_quantizer(model: nn.Module, family: Family, method: MethodSpec, *args, **kwargs) -> BlockQuantizer:
+    """The engine for ``method``: block-wise learned rounding (BRECQ) has its own block loop."""
+    if method.learned == "block":
+        from .brecq import BlockReconstruction
+        return BlockReconstruction(model, family, method, *args, **kwargs)
+    return BlockQuantizer(model, family, method, *args, **kwargs)
 
 
 def rtn_result(W: torch.Tensor, H: torch.Tensor, grid: GridConfig) -> SolveResult:

@@ -14,6 +14,7 @@ class MethodSpec:
     solver: SolverConfig | None      # None: round to nearest, no solver
     attention_aware: bool = False    # q/k/v get attention-aware Hessians (BoA family)
     fp_stream: bool = False          # also run the full-precision model (inherited-error correction)
+    learned: str | None = None       # learned rounding: "layer" on moment losses (aespa), "block" (BRECQ)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -25,6 +26,11 @@ METHODS: dict[str, MethodSpec] = {
                            "and scale refinement",
                            SolverConfig(rows_per_step=8, grid_at_start=False, refine_iters=2, dx_alpha=0.5),
                            attention_aware=True, fp_stream=True),
+    "aespa": MethodSpec("aespa", "learned rounding per layer on the attention-aware losses, from "
+                        "precomputed moments (no forward pass while optimizing)",
+                        SolverConfig(rows_per_step=1, grid_at_start=True), attention_aware=True, learned="layer"),
+    "brecq": MethodSpec("brecq", "learned rounding of a whole block by backpropagation through it on the "
+                        "calibration data (block-wise baseline)", None, learned="block"),
 }
 
 

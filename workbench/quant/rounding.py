@@ -98,7 +98,8 @@ class LearnedRounding(nn.Module):
 
     def __init__(self, weight: torch.Tensor, grid: GridConfig, learn_scale: bool = False,
                  scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-                 zeta: float = ZETA, gamma: float = GAMMA):
+                 zeta: float = ZETA, gamma: float = GAMMA, codes: torch.Tensor | None = None,
+                 init_margin: float = 0.05):
         super().__init__()
         w = weight.detach().reshape(weight.shape[0], -1).float()
         self.shape = tuple(weight.shape)
@@ -115,9 +116,15 @@ class LearnedRounding(nn.Module):
             self.register_buffer("scale", scale)
         s0 = expand_groups(scale, self.d_in)
         ratio = w / s0
-        self.register_buffer("base", torch.floor(ratio))
-        # start where the soft weight equals W (inside the clamp range)
-        self.v = nn.Parameter(inverse_rectified_sigmoid(ratio - self.base, zeta, gamma))
+        if codes is None:
+            self.register_buffer("base", torch.floor(ratio))
+            # start where the soft weight equals W (inside the clamp range)
+            h0 = ratio - self.base
+        else:
+            base, h0 = _start_from_codes(codes.reshape(w.shape).float(), ratio,
+                                         expand_groups(self.zero, self.d_in), init_margin)
+            self.register_buffer("base", base)
+        self.v = nn.Parameter(inverse_rectified_sigmoid(h0, zeta, gamma))
         self.hard = False
 
     def h(self) -> torch.Tensor:
@@ -142,6 +149,21 @@ class LearnedRounding(nn.Module):
                              codes=self.codes(hard=True).round().to(torch.int32),
                              scale=self.scale.detach().clone().clamp(min=1e-10),
                              zero=self.zero.clone())
+
+
+def _start_from_codes(codes: torch.Tensor, ratio: torch.Tensor, zero: torch.Tensor, margin: float):
+    """Base integers and starting ``h`` whose hard rounding gives ``codes`` (e.g. GPTQ's).
+
+    The code ``k = codes - zero`` is written as ``base + h`` with the free direction of ``h``
+    pointing towards ``W / s``: ``base = k`` with ``h`` near 0 when ``W / s >= k``, else
+    ``base = k - 1`` with ``h`` near 1. ``h`` starts ``margin`` inside its end, so the soft
+    weight starts next to the given codes and still has a gradient.
+    """
+    k = codes - zero
+    up = ratio >= k
+    base = torch.where(up, k, k - 1)
+    h0 = torch.where(up, torch.full_like(k, margin), torch.full_like(k, 1 - margin))
+    return base, h0
 
 
 @dataclass
@@ -173,18 +195,19 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
     hist = RoundingHistory()
     for r in rounders:
         r.hard = False
-    for step in range(cfg.iters):
-        opt.zero_grad(set_to_none=True)
-        rec = loss_fn()
-        beta = beta_at(step, cfg)
-        reg = sum(r.regularizer(beta) for r in rounders) if beta is not None else rec.new_zeros(())
-        (rec + cfg.reg_weight * reg).backward()
-        opt.step()
-        hist.loss.append(float(rec.detach()))
-        hist.reg.append(float(reg.detach()))
-        hist.beta.append(beta)
-        if callback is not None:
-            callback(step, hist.loss[-1])
+    with torch.enable_grad():        # callers may sit inside no_grad (the quantization engine)
+        for step in range(cfg.iters):
+            opt.zero_grad(set_to_none=True)
+            rec = loss_fn()
+            beta = beta_at(step, cfg)
+            reg = sum(r.regularizer(beta) for r in rounders) if beta is not None else rec.new_zeros(())
+            (rec + cfg.reg_weight * reg).backward()
+            opt.step()
+            hist.loss.append(float(rec.detach()))
+            hist.reg.append(float(reg.detach()))
+            hist.beta.append(beta)
+            if callback is not None:
+                callback(step, hist.loss[-1])
     for r in rounders:
         r.hard = True
     with torch.no_grad():
@@ -196,11 +219,15 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
 def learn_rounding(weight: torch.Tensor, grid: GridConfig,
                    loss_fn: Callable[[torch.Tensor], torch.Tensor], cfg: RoundingConfig = RoundingConfig(),
                    callback: Callable[[int, float], None] | None = None,
-                   ) -> tuple[RoundedWeight, RoundingHistory]:
+                   scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                   codes: torch.Tensor | None = None) -> tuple[RoundedWeight, RoundingHistory]:
     """One weight, one loss of the quantized weight: ``loss_fn(W_hat) -> scalar``.
 
     E.g. a layer-wise loss from moments, ``lambda w: ((w - W) @ H * (w - W)).sum()``.
+    ``scale``/``zero`` (``[d_out, n_groups]``) fix the grid instead of the round-to-nearest one;
+    ``codes`` (``[d_out, d_in]``, on that grid) start the rounding there, e.g. at GPTQ's solution.
     """
-    r = LearnedRounding(weight, grid, learn_scale=cfg.learn_scale, zeta=cfg.zeta, gamma=cfg.gamma)
+    r = LearnedRounding(weight, grid, learn_scale=cfg.learn_scale, scale=scale, zero=zero,
+                        zeta=cfg.zeta, gamma=cfg.gamma, codes=codes)
     hist = optimize_rounding([r], lambda: loss_fn(r()), cfg, callback=callback)
     return r.result(), hist

@@ -1,0 +1,120 @@
+"""aespa: layer-wise learned rounding on the attention-aware losses, from precomputed moments.
+
+Each layer is quantized alone, but its rounding is learned (the shared optimizer of
+``quant.rounding``) on the loss that matters for attention:
+
+- q, k: the first-order logit error, ``tr(H_out dW H_in dW^T)`` per head with the key/query
+  moments of ``attention_hessians`` as ``H_out`` (as in BoA);
+- v: the head output error ``E||dW_V X A^T||^2 = tr(dW_V E[X A^T A X^T] dW_V^T)`` per KV head;
+- o_proj and the MLP: the layer-wise ``tr(dW H dW^T)``.
+
+The moments are computed once over all calibration data, so a step costs a few matmuls of the
+weight's size and never a forward pass through the model. The rounding starts from round to
+nearest (AdaRound) or from the codes of a GPTQ or BoA solve on the same grid.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import WorkbenchError
+from .quant.grid import GridConfig
+from .quant.rounding import LearnedRounding, RoundingConfig, optimize_rounding
+from .quant.solver import SolveResult, SolverConfig, kronecker_loss, solve
+
+INITS = ("rtn", "gptq", "boa")
+
+
+@dataclass(frozen=True)
+class LearnedOptions:
+    """Options of the learned-rounding methods (aespa, brecq)."""
+    iters: int = 500
+    lr: float = 1e-2
+    init: str = "rtn"              # starting rounding: rtn, gptq or boa (aespa only)
+    reg_weight: float = 0.01
+    keep_better: bool = True       # aespa: keep the starting rounding if learning ends worse on the loss
+    seed: int = 0                  # brecq: order of the calibration batches
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise WorkbenchError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        self.rounding()   # raises on bad iterations / learning rate
+
+    def rounding(self) -> RoundingConfig:
+        return RoundingConfig(iters=self.iters, lr=self.lr, reg_weight=self.reg_weight)
+
+
+@dataclass
+class LearnedSolveResult(SolveResult):
+    extra: dict = field(default_factory=dict)   # per-layer measures for the report
+
+
+def as_heads(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
+    """``W [d_out, d_in]`` as ``[B, d_out / B, d_in]`` for ``B`` heads (1 without head factors)."""
+    heads = H_out.shape[0] if H_out is not None else (H_in.shape[0] if H_in.dim() == 3 else 1)
+    return W.reshape(heads, W.shape[0] // heads, W.shape[1])
+
+
+def moment_loss(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None = None,
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``W_hat -> tr(H_out dW H_in dW^T) / tr(H_out W H_in W^T)`` summed over heads.
+
+    Relative, so that it is of order one like the rounding regularizer's weight expects.
+    """
+    W3 = as_heads(W.float(), H_in, H_out)
+    norm = float(kronecker_loss(W3, H_in, H_out))
+    norm = norm if norm > 0 else 1.0
+
+    def loss(W_hat: torch.Tensor) -> torch.Tensor:
+        return kronecker_loss(W_hat.reshape(W3.shape) - W3, H_in, H_out) / norm
+    return loss
+
+
+def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig, solver: SolverConfig,
+                opts: LearnedOptions, check: Callable[[], None] | None = None) -> LearnedSolveResult:
+    """Learned rounding of one layer on its (attention-aware) Kronecker loss.
+
+    ``H``: the layer's input covariance; ``stats``: ``H_in``/``H_out`` overrides for q/k/v (from
+    ``AttentionHessians``). ``solver`` is used for the BoA start (``init="boa"``).
+    """
+    t0 = time.perf_counter()
+    W32 = W.detach().float()
+    H_in = stats.get("H_in", H).float()
+    H_out = stats.get("H_out")
+    H_out = None if H_out is None else H_out.float()
+    loss_fn = moment_loss(W32, H_in, H_out)
+    start = None
+    if opts.init == "gptq":
+        start = solve(W32, H, grid, SolverConfig(damp=solver.damp, block_size=solver.block_size))
+    elif opts.init == "boa":
+        start = solve(W32, H_in, grid, solver, H_out=H_out, cross_H=None if H_in is H else H)
+    r = LearnedRounding(W32, grid, scale=None if start is None else start.scale,
+                        zero=None if start is None else start.zero,
+                        codes=None if start is None else start.codes)
+    with torch.no_grad():
+        before = float(loss_fn(r(hard=True)))
+    init_seconds = time.perf_counter() - t0
+    callback = None if check is None else (lambda step, value: check())
+    hist = optimize_rounding([r], lambda: loss_fn(r()), opts.rounding(), callback=callback)
+    res = r.result()
+    after = hist.final_loss
+    kept = "learned"
+    if opts.keep_better and after > before:
+        kept = "start"
+        if start is None:    # round to nearest: the hard rounding of a fresh start
+            res = LearnedRounding(W32, grid).result()
+        else:
+            res.weight, res.codes = start.weight.clone(), start.codes.to(torch.int32)
+            res.scale, res.zero = start.scale.clone(), start.zero.clone()
+    norm_abs = float(kronecker_loss(as_heads(W32, H_in, H_out), H_in, H_out))
+    Q = res.weight.reshape(W32.shape)
+    loss = float(kronecker_loss(as_heads(Q - W32, H_in, H_out), H_in, H_out))
+    extra = {"loss_before": before * norm_abs, "loss_after": after * norm_abs,
+             "rel_loss_before": before, "rel_loss_after": after, "iters": opts.iters,
+             "init": opts.init, "kept": kept, "init_seconds": init_seconds, "opt_seconds": hist.seconds}
+    return LearnedSolveResult(weight=Q, codes=res.codes.reshape(W32.shape).to(torch.uint8),
+                              scale=res.scale.reshape(W32.shape[0], -1), zero=res.zero.reshape(W32.shape[0], -1),
+                              loss=loss, extra=extra)

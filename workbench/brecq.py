@@ -1,0 +1,132 @@
+"""BRECQ-style block reconstruction: the block-wise baseline for aespa.
+
+The rounding of every linear of a transformer block is learned jointly (the shared optimizer of
+``quant.rounding``, round-to-nearest start) by backpropagating the block's output error through
+the whole block on the calibration data. The inputs are the hidden states of the quantized
+model so far; the targets are the full-precision block's outputs on those same inputs. The
+loss is the relative error of the block's residual update, ``||f_q(h) - f(h)||^2 / ||f(h) - h||^2``
+(the residual stream itself would make any error look tiny next to the regularizer). Each step
+runs one calibration micro-batch forward and backward through the block.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aespa import LearnedOptions
+from .engine import BlockQuantizer, PackedLayer
+from .hessians import InputCovariance, relative_error
+from .models.base import get_path
+from .quant.rounding import LearnedRounding, optimize_rounding
+from .report import LayerRecord
+
+
+class SoftLinear(nn.Module):
+    """Stands in for an ``nn.Linear`` while its rounding is learned: the weight comes from the rounder."""
+
+    def __init__(self, linear: nn.Linear, rounder: LearnedRounding):
+        super().__init__()
+        self.linear, self.rounder = linear, rounder
+
+    def forward(self, x):
+        return F.linear(x, self.rounder().to(x.dtype), self.linear.bias)
+
+
+def run_block(family, block, h, ctx, covs: dict | None = None):
+    """The block's output for ``h``; with ``covs``, accumulates each stage's input covariance."""
+    gen = family.block_forward(block, h, ctx)
+    while True:
+        try:
+            stage = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if covs is not None:
+            if stage.kinds not in covs:
+                covs[stage.kinds] = InputCovariance(stage.x.shape[-1], stage.x.device)
+            covs[stage.kinds].add(stage.x)
+
+
+class BlockReconstruction(BlockQuantizer):
+    """Same events, records and packed layers as ``BlockQuantizer``; one optimization per block."""
+
+    def _run_block(self, b, block, fp_block, hidden, hidden_fp, ctx):
+        dev, fam = self.device, self.family
+        opts = LearnedOptions(**self.options.get("learned", {}))
+        kinds = list(fam.linears)
+        inputs = [h.to(dev) for h in hidden]
+
+        t0 = time.perf_counter()
+        covs: dict = {}
+        targets = [run_block(fam, block, h, ctx, covs) for h in inputs]
+        norms = [float((t - h).pow(2).sum()) or 1.0 for t, h in zip(targets, inputs)]
+        H = {k: cov.H for stage, cov in covs.items() for k in stage}
+        t0 = self._tick("forward", t0)
+
+        layers = {k: fam.linear(block, k) for k in kinds}
+        fp_weights = {k: l.weight.data.float().clone() for k, l in layers.items()}
+        rounders = {k: LearnedRounding(l.weight.data, self.grid) for k, l in layers.items()}
+        params = list(block.parameters())            # the block's own: frozen while the rounding learns
+        grads = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        for k in kinds:
+            self._swap(block, k, SoftLinear(layers[k], rounders[k]))
+        order = torch.Generator().manual_seed(opts.seed + b)
+
+        def batch_loss(i):
+            out = run_block(fam, block, inputs[i], ctx)
+            return (out - targets[i]).pow(2).sum() / norms[i]
+
+        def full_loss():
+            return sum(float(batch_loss(i)) for i in range(len(inputs))) / len(inputs)
+
+        def step_loss():
+            return batch_loss(int(torch.randint(len(inputs), (1,), generator=order)))
+
+        names = {k: f"{fam.blocks_path}.{b}.{fam.linears[k]}" for k in kinds}
+        self.emit(kind="layer_started", block=b, layer=names[kinds[0]], layer_kind=kinds[0])
+        try:
+            for r in rounders.values():
+                r.hard = True
+            before = full_loss()
+            hist = optimize_rounding(list(rounders.values()), step_loss, opts.rounding(),
+                                     callback=lambda step, value: self.check_cancel())
+            after = full_loss()
+        finally:
+            for k in kinds:
+                self._swap(block, k, layers[k])
+            for p, g in zip(params, grads):
+                p.requires_grad_(g)
+        seconds = time.perf_counter() - t0
+        self.result.timings["solve"] += seconds
+
+        for k in kinds:
+            res = rounders[k].result()
+            W = fp_weights[k]
+            dW = res.weight - W
+            layers[k].weight.data = res.weight.to(layers[k].weight.dtype)
+            self.result.packed[names[k]] = PackedLayer(res.codes.to(torch.uint8).cpu(), res.scale.cpu(),
+                                                       res.zero.cpu())
+            record = LayerRecord(name=names[k], block=b, kind=k, loss=float(((dW @ H[k]) * dW).sum()),
+                                 rel_error=relative_error(dW, W, H[k]), seconds=seconds / len(kinds),
+                                 extra={"block_loss_before": before, "block_loss_after": after,
+                                        "final_step_loss": hist.final_loss, "iters": opts.iters,
+                                        "block_seconds": seconds})
+            self.result.layers.append(record)
+            self.done += 1
+            if k != kinds[0]:
+                self.emit(kind="layer_started", block=b, layer=names[k], layer_kind=k)
+            self.emit_finished(record)
+
+        t0 = time.perf_counter()
+        outs = [run_block(fam, block, h, ctx).cpu() for h in inputs]
+        self._tick("forward", t0)
+        return outs, None
+
+    def _swap(self, block, kind, module):
+        path = self.family.linears[kind]
+        parent, _, name = path.rpartition(".")
+        setattr(get_path(block, parent) if parent else block, name, module)
