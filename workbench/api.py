@@ -38,7 +38,7 @@ class QuantizeConfig:
     batch_size: int = 4               # sequences per forward chunk
     max_blocks: int | None = None     # quantize only the first N blocks (quick looks)
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool | None = None     # columns by descending Hessian diagonal (None: the method's default)
     block_size: int = 128
     # BoA / TurboBoA (None: the method's default)
     rows_per_step: int | None = None  # rows of every head quantized jointly (1 = BoA)
@@ -58,10 +58,9 @@ class QuantizeConfig:
 
     def solver(self) -> SolverConfig:
         base = method_spec(self.method).solver or SolverConfig()
-        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "grid_at_start")
-                  if getattr(self, k) is not None}
-        return dataclasses.replace(base, damp=self.damp, act_order=self.act_order, block_size=self.block_size,
-                                   **chosen)
+        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "grid_at_start",
+                                                "act_order") if getattr(self, k) is not None}
+        return dataclasses.replace(base, damp=self.damp, block_size=self.block_size, **chosen)
 
     def learned(self) -> dict:
         """Options of the learned-rounding methods, checked; only those set."""

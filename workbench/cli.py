@@ -30,7 +30,8 @@ def add_quantize_parser(sub):
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per forward chunk")
     p.add_argument("--max-blocks", type=int, default=None, help="quantize only the first N blocks")
     p.add_argument("--damp", type=float, default=d.damp)
-    p.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal (static groups)")
+    p.add_argument("--act-order", default=None, action=argparse.BooleanOptionalAction,
+                   help="columns by descending Hessian diagonal, static groups (default: per method)")
     g = p.add_argument_group("BoA / TurboBoA")
     g.add_argument("--rows-per-step", type=int, default=None, help="rows of every head quantized jointly (1 = BoA)")
     g.add_argument("--dx-alpha", type=float, default=None, help="correction for errors of earlier layers, 0-1")
@@ -43,7 +44,7 @@ def add_quantize_parser(sub):
     g.add_argument("--iters", type=int, default=None, help="optimizer steps per layer (aespa) or block (brecq); default 500")
     g.add_argument("--lr", type=float, default=None, help="learning rate of the rounding variables; default 0.01")
     g.add_argument("--init", default=None, choices=["rtn", "gptq", "boa"],
-                   help="aespa's starting rounding; default rtn")
+                   help="aespa's starting rounding; default boa")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write the quantized model here (compressed-tensors pack-quantized, loads in transformers/vLLM)")

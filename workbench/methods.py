@@ -19,7 +19,9 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "rtn": MethodSpec("rtn", "round to nearest: the floor every method must beat", None),
-    "gptq": MethodSpec("gptq", "layer-wise, one column at a time with Hessian compensation", SolverConfig()),
+    # act-order measured on smollm2-135m W4 g64: ppl 33.98 with it, 36.42 without (fp 29.19)
+    "gptq": MethodSpec("gptq", "layer-wise, one column at a time with Hessian compensation",
+                       SolverConfig(act_order=True)),
     "boa": MethodSpec("boa", "attention-aware Hessians for q/k/v, rows of all heads one at a time",
                       SolverConfig(rows_per_step=1, grid_at_start=True), attention_aware=True),
     "turboboa": MethodSpec("turboboa", "BoA with joint rows, inherited-error correction, adaptive grid "
