@@ -1,6 +1,6 @@
-"""Genie on the digits CNN: accuracy of RTN and of Genie-M on four calibration sources.
+"""Genie on the digits CNN: accuracy of RTN and of Genie-M on each calibration source.
 
-    python benchmarks/genie.py [--threads 2] [--seeds 0 1] [--json out.json]
+    python benchmarks/genie.py [--threads 1] [--seeds 0 1] [--sources noise genie real] [--json out.json]
 
 Each calibration set (Gaussian noise, BN-optimized pixels, Genie-D, real digits) is built once
 per seed and reused for every bit width. RTN takes its activation ranges from the real digits
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--distill-steps", type=int, default=GenieRunConfig().distill_steps)
     p.add_argument("--iters", type=int, default=GenieMConfig().iters)
     p.add_argument("--ends-bits", type=int, default=8)
+    p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
@@ -60,10 +61,11 @@ def main(argv=None) -> int:
 
     acc = {}            # (setting, column) -> [accuracy per seed]
     qsec = {}           # (setting, column) -> [seconds per seed]
-    dsec = {s: [] for s in SOURCES}
+    sources = [s for s in SOURCES if s in a.sources]
+    dsec = {s: [] for s in sources}
     for seed in a.seeds:
         calib = {}
-        for src in SOURCES:
+        for src in sources:
             cfg = GenieRunConfig(data=src.split("-")[0], samples=a.samples, distill_steps=a.distill_steps,
                                  swing=src == "genie-swing", seed=seed)
             t0 = time.perf_counter()
@@ -71,7 +73,9 @@ def main(argv=None) -> int:
             dsec[src].append(time.perf_counter() - t0)
         for setting in a.settings:
             w, act = parse_setting(setting)
-            runs = [("rtn", "real", "rtn")] + [(src, src, "genie") for src in SOURCES]
+            # RTN takes its activation ranges from real digits when they are in the run
+            rtn_src = "real" if "real" in sources else sources[0]
+            runs = [("rtn", rtn_src, "rtn")] + [(src, src, "genie") for src in sources]
             for column, src, method in runs:
                 qcfg = GenieMConfig(weight_bits=w, act_bits=act, method=method, iters=a.iters,
                                     ends_bits=a.ends_bits or None, seed=seed)
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
                 print(f"  seed {seed} {setting:5s} {LABELS[column]:8s} {acc[(setting, column)][-1]:6.2f}% "
                       f"({res.seconds:.1f} s)", flush=True)
 
-    columns = ["rtn", *SOURCES]
+    columns = ["rtn", *sources]
     mean = lambda v: statistics.fmean(v)
     head = "| setting | " + " | ".join(("RTN" if c == "rtn" else f"Genie-M + {LABELS[c]}") for c in columns) + " |"
     print()
@@ -97,11 +101,11 @@ def main(argv=None) -> int:
         print(f"| {setting} | " + " | ".join(cells) + " |")
     print()
     print("Seconds: calibration data (per set of "
-          f"{a.samples}): " + ", ".join(f"{LABELS[s]} {mean(dsec[s]):.1f}" for s in SOURCES))
+          f"{a.samples}): " + ", ".join(f"{LABELS[s]} {mean(dsec[s]):.1f}" for s in sources))
     print("Seconds: quantization (mean per run): " + ", ".join(
         f"{st} RTN {mean(qsec[(st, 'rtn')]):.1f} / Genie-M "
-        f"{mean([x for c in SOURCES for x in qsec[(st, c)]]):.1f}" for st in a.settings))
-    for st in a.settings:
+        f"{mean([x for c in sources for x in qsec[(st, c)]]):.1f}" for st in a.settings))
+    for st in a.settings if "genie" in sources else ():
         print(f"Genie-D + Genie-M at {st}, one run: {mean(dsec['genie']) + mean(qsec[(st, 'genie')]):.1f} s")
     if a.json:
         with open(a.json, "w") as f:

@@ -82,3 +82,11 @@ def test_cli_missing_model(tmp_path):
 def test_main_exit_code_on_bad_input(capsys):
     assert cli.main(["--weight-bits", "9"]) == 2
     assert "weight bits" in capsys.readouterr().err
+
+
+def test_main_cli_has_the_genie_subcommand():
+    from workbench.cli import build_parser
+    args = build_parser().parse_args(["genie", "--weight-bits", "3", "--act-bits", "3", "--data", "noise"])
+    assert args.run is cli.run
+    cfg = cli.config_from_args(args)
+    assert (cfg.weight_bits, cfg.act_bits, cfg.data, cfg.swing, cfg.ends_bits) == (3, 3, "noise", False, 8)
