@@ -27,7 +27,7 @@ class QuantizeConfig:
     bits: int = 4
     group_size: int = 64              # -1: one grid per output channel
     symmetric: bool = False
-    grid_search: str = "minmax"       # or "mse"
+    grid_search: str | None = None    # "minmax" or "mse" (None: the method's default)
     calib: str = DEFAULT_CALIB        # wikitext2, a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]
     calib_samples: int = 32
     seqlen: int = 512
@@ -54,7 +54,7 @@ class QuantizeConfig:
 
     def grid(self) -> GridConfig:
         return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                          search=self.grid_search)
+                          search=self.grid_search or method_spec(self.method).grid_search)
 
     def solver(self) -> SolverConfig:
         base = method_spec(self.method).solver or SolverConfig()

@@ -19,7 +19,8 @@ def add_quantize_parser(sub):
     p.add_argument("--bits", type=int, default=d.bits, help="weight bits, 2-8")
     p.add_argument("--group-size", type=int, default=d.group_size, help="input columns per grid; -1 = per channel")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (zero point in the middle)")
-    p.add_argument("--grid-search", default=d.grid_search, choices=["minmax", "mse"])
+    p.add_argument("--grid-search", default=None, choices=["minmax", "mse"],
+                   help="range search of the grids (default: mse for gptq, minmax otherwise)")
     p.add_argument("--calib", default=d.calib, help="wikitext2, a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)

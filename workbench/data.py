@@ -10,8 +10,19 @@ from .errors import WorkbenchError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_TEXTS = {
     "wikitext2": ASSETS / "wikitext-2" / "valid.txt",          # calibration
+    "wikitext2-tok": ASSETS / "wikitext-2" / "valid.txt",      # the same, as tokenized (no detokenization)
     "wikitext2-test": ASSETS / "wikitext-2" / "test.raw.txt",  # evaluation only
 }
+# WikiText's tokenized release splits numbers and punctuation (" @-@ ", " , "); undoing that
+# brings the calibration text close to the raw text perplexity is measured on.
+_DETOKENIZE = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
+               (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
+
+
+def detokenize_wikitext(text: str) -> str:
+    for a, b in _DETOKENIZE:
+        text = text.replace(a, b)
+    return text
 DEFAULT_CALIB = "wikitext2"
 DEFAULT_EVAL = "wikitext2-test"
 
@@ -19,7 +30,8 @@ DEFAULT_EVAL = "wikitext2-test"
 def load_text(source: str) -> str:
     """``wikitext2``/``wikitext2-test``, a text file, or ``hf:NAME[:CONFIG[:SPLIT[:FIELD]]]``."""
     if source in BUILTIN_TEXTS:
-        return BUILTIN_TEXTS[source].read_text(encoding="utf-8")
+        text = BUILTIN_TEXTS[source].read_text(encoding="utf-8")
+        return detokenize_wikitext(text) if source == "wikitext2" else text
     if source.startswith("hf:"):
         return _dataset_text(*source[3:].split(":"))
     path = Path(source).expanduser()
