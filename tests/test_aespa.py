@@ -144,3 +144,12 @@ def test_learned_methods_end_to_end(tiny_checkpoints, method, init):
     torch.testing.assert_close(layer.weight.data, scale * (packed.codes.float() - zero), rtol=0, atol=1e-5)
     if method == "brecq":
         assert rep.layers[0].extra["block_loss_after"] < rep.layers[0].extra["block_loss_before"]
+
+
+def test_brecq_on_opt_swaps_top_level_linears_back(tiny_checkpoints):
+    res = workbench.quantize(model=tiny_checkpoints["opt"], method="brecq", bits=4, group_size=16, iters=10,
+                             max_blocks=1, **SMALL)
+    block = res.model.model.decoder.layers[0]
+    assert type(block.fc1) is torch.nn.Linear and type(block.self_attn.q_proj) is torch.nn.Linear
+    assert all(p.requires_grad for p in block.parameters())
+    assert [r.kind for r in res.report.layers] == ["q", "k", "v", "o", "fc1", "fc2"]
