@@ -10,11 +10,12 @@ from .errors import WorkbenchError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_TEXTS = {
     "wikitext2": ASSETS / "wikitext-2" / "valid.txt",          # calibration
-    "wikitext2-tok": ASSETS / "wikitext-2" / "valid.txt",      # the same, as tokenized (no detokenization)
+    "wikitext2-detok": ASSETS / "wikitext-2" / "valid.txt",    # the same with WikiText's spacing undone
     "wikitext2-test": ASSETS / "wikitext-2" / "test.raw.txt",  # evaluation only
 }
-# WikiText's tokenized release splits numbers and punctuation (" @-@ ", " , "); undoing that
-# brings the calibration text close to the raw text perplexity is measured on.
+# WikiText's tokenized release splits numbers and punctuation (" @-@ ", " , "). Undoing that was
+# measured on smollm2-135m GPTQ W4 g64 (act-order, MSE): ppl 33.93 detokenized vs 33.48 as is,
+# so the default keeps the text as released.
 _DETOKENIZE = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
                (" : ", ": "), (" 's ", "'s "), (" n't ", "n't "), ("( ", "("), (" )", ")")]
 
@@ -31,7 +32,7 @@ def load_text(source: str) -> str:
     """``wikitext2``/``wikitext2-test``, a text file, or ``hf:NAME[:CONFIG[:SPLIT[:FIELD]]]``."""
     if source in BUILTIN_TEXTS:
         text = BUILTIN_TEXTS[source].read_text(encoding="utf-8")
-        return detokenize_wikitext(text) if source == "wikitext2" else text
+        return detokenize_wikitext(text) if source == "wikitext2-detok" else text
     if source.startswith("hf:"):
         return _dataset_text(*source[3:].split(":"))
     path = Path(source).expanduser()
