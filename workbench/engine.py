@@ -165,15 +165,15 @@ class BlockQuantizer:
         gens_fp = None if fp_block is None else [self.family.block_forward(fp_block, h.to(dev), ctx)
                                                  for h in hidden_fp]
         t0 = time.perf_counter()
-        stages, outs = _advance(gens)
-        stages_fp, outs_fp = _advance(gens_fp) if gens_fp else (None, None)
+        stages, outs = advance_stages(gens)
+        stages_fp, outs_fp = advance_stages(gens_fp) if gens_fp else (None, None)
         self._tick("forward", t0)
         while stages is not None:
             self._quantize_stage(b, block, stages, stages_fp, ctx)
             t0 = time.perf_counter()
-            stages, outs = _advance(gens)
+            stages, outs = advance_stages(gens)
             if gens_fp:
-                stages_fp, outs_fp = _advance(gens_fp)
+                stages_fp, outs_fp = advance_stages(gens_fp)
             self._tick("forward", t0)
         return [o.cpu() for o in outs], (None if outs_fp is None else [o.cpu() for o in outs_fp])
 
@@ -286,7 +286,7 @@ def rtn_result(W: torch.Tensor, H: torch.Tensor, grid: GridConfig) -> SolveResul
     return SolveResult(weight=Q, codes=codes.to(torch.uint8), scale=scale, zero=zero, loss=float(loss))
 
 
-def _advance(gens):
+def advance_stages(gens):
     """Resume every batch's block generator to its next stage; returns (stages, None) or (None, outputs)."""
     stages, outs = [], []
     for g in gens:

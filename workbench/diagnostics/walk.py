@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..engine import block_inputs
+from ..engine import advance_stages, block_inputs
 from ..models import Family, Stage
 
 
@@ -36,16 +36,6 @@ def _to(ctx, device):
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _advance(gens):
-    stages, outs = [], []
-    for g in gens:
-        try:
-            stages.append(next(g))
-        except StopIteration as stop:
-            outs.append(stop.value)
-    return (None, outs) if outs else (stages, None)
 
 
 def block_count(model: nn.Module, family: Family, max_blocks: int | None) -> int:
@@ -75,7 +65,7 @@ def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, b
         gens = [[family.block_forward(blk, h, ctx) for h in hs] for blk, hs in zip(blocks, hidden)]
         try:
             while True:
-                advanced = [_advance(g) for g in gens]
+                advanced = [advance_stages(g) for g in gens]
                 if advanced[0][0] is None:
                     hidden = [outs for _, outs in advanced]
                     break
