@@ -9,42 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from ..data import CachingTokenizer
 from ..models.loading import LoadedModel, load_model
-
-
-class CachingTokenizer:
-    """Wraps a tokenizer: each distinct text is tokenized once, one call at a time.
-
-    Fast tokenizers are not safe to call from two threads at once, and the calibration and
-    evaluation texts are the same for every run, so both needs meet in one lock and a cache.
-    """
-
-    def __init__(self, tokenizer, capacity: int = 8):
-        self._tokenizer, self._capacity = tokenizer, capacity
-        self._lock = threading.Lock()
-        self._cache: OrderedDict = OrderedDict()
-
-    def __call__(self, text, **kwargs):
-        if not isinstance(text, str):
-            with self._lock:
-                return self._tokenizer(text, **kwargs)
-        key = (hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(), tuple(sorted(kwargs.items())))
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is None:
-                hit = self._tokenizer(text, **kwargs)
-                self._cache[key] = hit
-                while len(self._cache) > self._capacity:
-                    self._cache.popitem(last=False)
-            return hit
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
 
 
 @dataclass

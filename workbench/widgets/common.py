@@ -3,7 +3,6 @@ and a background runner with progress, status and cancel."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import html
 import os
 import threading
@@ -14,6 +13,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from ..api import QuantizeConfig
+from ..data import CachingTokenizer
 from ..diagnostics import frozen_copy
 from ..errors import Cancelled, WorkbenchError
 from ..methods import METHODS
@@ -58,34 +58,6 @@ def genie_settings(**overrides) -> dict:
 
 
 # -- models -----------------------------------------------------------------------------------
-class CachingTokenizer:
-    """Tokenizes each distinct text once, one call at a time.
-
-    Every run of a widget tokenizes the same calibration and evaluation texts; on a CPU that
-    costs seconds per run. Fast tokenizers are not safe to call from two threads at once.
-    """
-
-    def __init__(self, tokenizer, capacity: int = 8):
-        self._tokenizer, self._capacity = tokenizer, capacity
-        self._lock = threading.Lock()
-        self._cache: dict = {}
-
-    def __call__(self, text, **kwargs):
-        if not isinstance(text, str):
-            with self._lock:
-                return self._tokenizer(text, **kwargs)
-        key = (hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest(), tuple(sorted(kwargs.items())))
-        with self._lock:
-            if key not in self._cache:
-                self._cache[key] = self._tokenizer(text, **kwargs)
-                while len(self._cache) > self._capacity:
-                    self._cache.pop(next(iter(self._cache)))
-            return self._cache[key]
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
 _MODELS: dict[str, LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 
