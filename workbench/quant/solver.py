@@ -192,7 +192,10 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     if cfg.grid_at_start or cfg.act_order or gw == C:
         s, z = group_params(Wf, grid)
         scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
+    # without act-order a group's grid is taken when its first column is reached (GPTQ); with it,
+    # columns of a group are visited out of order, so a grid can only follow a row as a whole
     dynamic_groups = not (cfg.grid_at_start or cfg.act_order)
+    grid_per_row = not cfg.grid_at_start and not (dynamic_groups and gw < C)
 
     perm = None
     if cfg.act_order:
@@ -211,9 +214,9 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
         step = max(1, cfg.rows_per_step)
         for r0 in range(0, R, step):
             r1 = min(r0 + step, R)
-            if dynamic_groups and gw == C:   # per-channel grid of the rows as they are now
-                s, z = group_params(Wf[:, r0:r1], grid)
-                scale[:, r0:r1], zero[:, r0:r1] = expand_groups(s, C), expand_groups(z, C)
+            if grid_per_row:   # grids of the rows as compensation has left them (adaptive grid)
+                s, z = _row_grid(Wf[:, r0:r1], perm, grid)
+                scale[:, r0:r1], zero[:, r0:r1] = s, z
             rows = Wf[:, r0:r1].clone()
             Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, gw,
                                        dynamic_groups, cfg.block_size)
@@ -236,6 +239,17 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
                           None if H_out is None else H_out.to(torch.float32))
     return SolveResult(weight=Q.reshape(d_out, C), codes=codes.reshape(d_out, C).to(torch.uint8),
                        scale=scale_g.reshape(d_out, -1), zero=zero_g.reshape(d_out, -1), loss=float(loss))
+
+
+def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, grid: GridConfig):
+    """Per-column scale and zero of ``rows [B, n, C]`` (stored in ``perm`` order) from their groups."""
+    C = rows.shape[-1]
+    if perm is None:
+        s, z = group_params(rows, grid)
+        return expand_groups(s, C), expand_groups(z, C)
+    inv = torch.argsort(perm, dim=-1)
+    s, z = group_params(_permute_cols(rows, inv), grid)
+    return _permute_cols(expand_groups(s, C), perm), _permute_cols(expand_groups(z, C), perm)
 
 
 def _permute_cols(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
