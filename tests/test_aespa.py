@@ -153,3 +153,21 @@ def test_brecq_on_opt_swaps_top_level_linears_back(tiny_checkpoints):
     assert type(block.fc1) is torch.nn.Linear and type(block.self_attn.q_proj) is torch.nn.Linear
     assert all(p.requires_grad for p in block.parameters())
     assert [r.kind for r in res.report.layers] == ["q", "k", "v", "o", "fc1", "fc2"]
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_moment_loss_gradient_equals_autograd_of_the_kronecker_loss(heads):
+    from workbench.quant.solver import kronecker_loss
+    W, H_in = correlated(d_out=6, d_in=8, n=64, seed=3)
+    H_out = None
+    if heads:
+        a = torch.randn(heads, 2, 2, generator=torch.Generator().manual_seed(4))
+        H_out = a @ a.transpose(-1, -2) + torch.eye(2)
+    W_hat = (W + 0.1 * torch.randn(W.shape, generator=torch.Generator().manual_seed(5))).requires_grad_()
+    moment_loss(W, H_in, H_out)(W_hat).backward()
+    fast = W_hat.grad.clone()
+    W_hat.grad = None
+    W3 = W.reshape(heads or 1, -1, W.shape[1])
+    norm = kronecker_loss(W3, H_in, H_out)
+    (kronecker_loss(W_hat.reshape(W3.shape) - W3, H_in, H_out) / norm).backward()
+    assert torch.allclose(fast, W_hat.grad, rtol=1e-4, atol=1e-6)

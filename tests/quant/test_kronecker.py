@@ -22,10 +22,13 @@ def problem(seed, heads=3, d_head=8, cols=16):
 
 @pytest.mark.parametrize("rows_per_step", [1, 3, 8])
 @pytest.mark.parametrize("grid_at_start", [False, True])
-def test_identity_output_factor_gives_gptq(rows_per_step, grid_at_start):
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_identity_output_factor_gives_gptq(rows_per_step, grid_at_start, act_order, search):
+    """Also with act-order: the row-wise grids, taken in the original column order, are GPTQ's."""
     W, H_in, _ = problem(0)
-    grid = GridConfig(bits=3, group_size=8)
-    cfg = SolverConfig(rows_per_step=rows_per_step, grid_at_start=grid_at_start)
+    grid = GridConfig(bits=3, group_size=8, search=search)
+    cfg = SolverConfig(rows_per_step=rows_per_step, grid_at_start=grid_at_start, act_order=act_order)
     eye = torch.eye(8).expand(3, 8, 8).clone()
     assert torch.equal(solve(W, H_in, grid, cfg, H_out=eye).weight, solve(W, H_in, grid, cfg).weight)
 

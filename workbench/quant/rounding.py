@@ -126,6 +126,9 @@ class LearnedRounding(nn.Module):
             self.register_buffer("base", base)
         self.v = nn.Parameter(inverse_rectified_sigmoid(h0, zeta, gamma))
         self.hard = False
+        # the zero point never changes: the integer offset of the codes is fixed once
+        self.register_buffer("offset", self.base + expand_groups(self.zero, self.d_in))
+        self.register_buffer("zero_cols", expand_groups(self.zero, self.d_in))
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v, self.zeta, self.gamma)
@@ -133,11 +136,11 @@ class LearnedRounding(nn.Module):
     def codes(self, hard: bool | None = None) -> torch.Tensor:
         hard = self.hard if hard is None else hard
         up = (self.h() >= 0.5).float() if hard else self.h()
-        return torch.clamp(self.base + expand_groups(self.zero, self.d_in) + up, 0, self.grid.maxq)
+        return torch.clamp(self.offset + up, 0, self.grid.maxq)
 
     def forward(self, hard: bool | None = None) -> torch.Tensor:
         scale = expand_groups(self.scale.clamp(min=1e-10), self.d_in)
-        w = scale * (self.codes(hard) - expand_groups(self.zero, self.d_in))
+        w = scale * (self.codes(hard) - self.zero_cols)
         return w.reshape(self.shape)
 
     def regularizer(self, beta: float) -> torch.Tensor:
