@@ -84,3 +84,12 @@ def test_boa_attention_error_below_gptq_on_tiny_llama(tiny_checkpoints):
                                 **{**SMALL, **same_grid, "bits": 2}).report.to_frame()
         err[method] = df[df.kind.isin(["q", "k"])]["attn_rel_error"].mean()
     assert err["boa"] < err["gptq"]
+
+
+@pytest.mark.parametrize("L,chunks", [(7, 3), (16, 16), (5, 8)])
+def test_causal_apply_equals_the_full_product(L, chunks):
+    from workbench.attention_hessians import causal_apply
+    g = torch.Generator().manual_seed(L)
+    A = torch.randn(2, 3, L, L, generator=g).tril()
+    x = torch.randn(2, L, 4, generator=g)
+    assert torch.allclose(causal_apply(A, x, chunks), A @ x.unsqueeze(1), atol=1e-5)

@@ -52,6 +52,22 @@ def rope_sandwich(G: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Ten
     return T["cc"] + cs_j + cs_j.transpose(-1, -2) + rotate_half_left_t(rotate_half_right(T["ss"]))
 
 
+def causal_apply(A: torch.Tensor, x: torch.Tensor, chunks: int = 16) -> torch.Tensor:
+    """``A @ x`` for causal ``A [b, h, L, L]`` and ``x [b, L, d]`` (shared by the heads).
+
+    A chunk of query rows only reads the keys up to its last row, which skips about half of the
+    multiply-adds; heads are stacked as rows so ``x`` is never copied per head.
+    """
+    b, h, L, _ = A.shape
+    step = max(1, -(-L // chunks))
+    parts = []
+    for i0 in range(0, L, step):
+        i1 = min(L, i0 + step)
+        part = A[:, :, i0:i1, :i1].reshape(b, h * (i1 - i0), i1) @ x[:, :i1]
+        parts.append(part.reshape(b, h, i1 - i0, -1))
+    return torch.cat(parts, dim=2)
+
+
 class AttentionHessians:
     """Streams q/k/v statistics of one block; ``finish()`` gives the Kronecker factors per kind."""
 
@@ -75,7 +91,7 @@ class AttentionHessians:
         qg = q.reshape(b, g.n_kv_heads, g.group, L, g.head_dim)   # query heads of one KV head together
         self.G_queries += torch.einsum("bhgli,bhglj->hlij", qg, qg)
         A = attention_probs(q, k, scaling)                          # [b, n_heads, L, L]
-        Y = A @ x.unsqueeze(1)                                      # [b, n_heads, L, d_in]
+        Y = causal_apply(A, x)                                      # [b, n_heads, L, d_in]
         Y = Y.reshape(b, g.n_kv_heads, g.group * L, -1).transpose(0, 1).reshape(g.n_kv_heads, -1, x.shape[-1])
         self.H_value += Y.transpose(-1, -2) @ Y
         self.samples += b
