@@ -75,19 +75,25 @@ def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: to
         i2 = min(i1 + bs, C)
         W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
         err = torch.empty_like(W1)
-        for i in range(i2 - i1):
+        # per-column views taken once per block: the loop is bound by per-call overhead on the
+        # small problems of joint rows, so every indexing op saved there counts
+        w_cols, q_cols, e_cols = W1.unbind(1), Q[:, i1:i2].unbind(1), err.unbind(1)
+        s_cols, z_cols = st[:, i1:i2].unbind(1), zt[:, i1:i2].unbind(1)
+        diag = U1.diagonal(dim1=1, dim2=2).unsqueeze(-1).unbind(1)
+        u_rows = U1.unsqueeze(-1).unbind(1)
+        n = i2 - i1
+        for i in range(n):
             col = i1 + i
             if dynamic and group_width < C and col % group_width == 0:
                 s, z = group_params(W1[:, i:i + group_width].transpose(1, 2), grid)
                 st[:, col:col + group_width] = s.transpose(1, 2)
                 zt[:, col:col + group_width] = z.transpose(1, 2)
-            w = W1[:, i]
-            q = fake_quantize(w, st[:, col], zt[:, col], grid.maxq)
-            Q[:, col] = q
-            e = (w - q).div_(U1[:, i, i].unsqueeze(-1))
-            err[:, i] = e
-            if i + 1 < i2 - i1:
-                W1[:, i + 1:].baddbmm_(U1[:, i, i + 1:].unsqueeze(-1), e.unsqueeze(1), alpha=-1)
+            w = w_cols[i]
+            q = fake_quantize(w, s_cols[i], z_cols[i], grid.maxq)
+            q_cols[i].copy_(q)
+            e = torch.sub(w, q, out=e_cols[i]).div_(diag[i])
+            if i + 1 < n:
+                W1[:, i + 1:].baddbmm_(u_rows[i][:, i + 1:], e.unsqueeze(1), alpha=-1)
         if i2 < C:
             Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), err, alpha=-1)
     if dynamic:
