@@ -55,10 +55,10 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{method:<9} {bits:>4} {group:>5} {rep.ppl_quant:>9.3f} {rep.quant_seconds:>8.1f} "
                   f"{rep.timings['solve_qkv']:>11.2f} {ratio:>11}", flush=True)
+            if args.json:   # after every row, so a long run that is stopped keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
     print(f"fp ppl {ppl_fp:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
     return 0
 
 
