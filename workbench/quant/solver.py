@@ -193,19 +193,22 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     target = Wf.clone()
     gw = grid.group_width(C)
 
-    scale = torch.empty_like(Wf)
-    zero = torch.empty_like(Wf)
-    if cfg.grid_at_start or cfg.act_order or gw == C:
-        s, z = group_params(Wf, grid)
-        scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
     # without act-order a group's grid is taken when its first column is reached (GPTQ); with it,
     # columns of a group are visited out of order, so a grid can only follow a row as a whole
     dynamic_groups = not (cfg.grid_at_start or cfg.act_order)
     grid_per_row = not cfg.grid_at_start and not (dynamic_groups and gw < C)
+    rows_take_grids = H_out is not None and grid_per_row      # each row step sets its own grids
+    scale = torch.empty_like(Wf)
+    zero = torch.empty_like(Wf)
+    if not rows_take_grids and (cfg.grid_at_start or cfg.act_order or gw == C):
+        s, z = group_params(Wf, grid)
+        scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
 
-    perm = None
+    Hd_orig = Hd
+    perm = inv = None
     if cfg.act_order:
         perm = torch.argsort(Hd.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True).expand(heads, C)
+        inv = torch.argsort(perm, dim=-1)
         Wf, scale, zero = (_permute_cols(t, perm) for t in (Wf, scale, zero))
         Hd = _permute_sym(Hd.expand(heads, C, C), perm)
     U_in = inverse_cholesky_upper(Hd)
@@ -220,8 +223,8 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
         step = max(1, cfg.rows_per_step)
         for r0 in range(0, R, step):
             r1 = min(r0 + step, R)
-            if grid_per_row:   # grids of the rows as compensation has left them (adaptive grid)
-                s, z = _row_grid(Wf[:, r0:r1], perm, grid)
+            if rows_take_grids:   # grids of the rows as compensation has left them (adaptive grid)
+                s, z = _row_grid(Wf[:, r0:r1], perm, inv, grid)
                 scale[:, r0:r1], zero[:, r0:r1] = s, z
             rows = Wf[:, r0:r1].clone()
             Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, gw,
@@ -230,15 +233,13 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
                 Wf[:, r1:] += row_compensation(U_out, r0, r1) @ (Wf[:, r0:r1] - Q[:, r0:r1])
 
     if perm is not None:
-        inv = torch.argsort(perm, dim=-1)
         Q, scale, zero = (_permute_cols(t, inv) for t in (Q, scale, zero))
 
     scale_g, zero_g = scale[..., ::gw], zero[..., ::gw]
     codes = quantize_codes(Q, scale, zero, grid.maxq)
     if cfg.refine_iters > 0:
-        Hd_orig = damped(Hi, cfg.damp).expand(heads, C, C)
-        Ho_d = None if H_out is None else damped(H_out.to(torch.float32), cfg.damp)
-        scale_g = refine_scales(codes, scale_g, zero_g, target, Hd_orig, Ho_d, gw, cfg.refine_iters)
+        scale_g = refine_scales(codes, scale_g, zero_g, target, Hd_orig.expand(heads, C, C),
+                                None if H_out is None else Ho, gw, cfg.refine_iters)
         Q = (codes - expand_groups(zero_g, C)) * expand_groups(scale_g, C)
 
     loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
@@ -247,13 +248,12 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
                        scale=scale_g.reshape(d_out, -1), zero=zero_g.reshape(d_out, -1), loss=float(loss))
 
 
-def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, grid: GridConfig):
-    """Per-column scale and zero of ``rows [B, n, C]`` (stored in ``perm`` order) from their groups."""
+def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, inv: torch.Tensor | None, grid: GridConfig):
+    """Per-column scale and zero of ``rows [B, n, C]`` (stored in ``perm`` order, ``inv`` its inverse)."""
     C = rows.shape[-1]
     if perm is None:
         s, z = group_params(rows, grid)
         return expand_groups(s, C), expand_groups(z, C)
-    inv = torch.argsort(perm, dim=-1)
     s, z = group_params(_permute_cols(rows, inv), grid)
     return _permute_cols(expand_groups(s, C), perm), _permute_cols(expand_groups(z, C), perm)
 
