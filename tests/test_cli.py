@@ -61,10 +61,11 @@ def test_unwritable_report_path(tiny_checkpoints, tmp_path, capsys):
     assert not os.path.exists(report)
 
 
-def test_quantize_writes_report(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "boa", "turboboa"])
+def test_quantize_writes_report(tiny_checkpoints, tmp_path, method):
     report = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "workbench.cli", "quantize", "--model", tiny_checkpoints["opt"],
-                           "--method", "gptq", "--bits", "4", "--group-size", "16", "--calib-samples", "2",
+                           "--method", method, "--bits", "4", "--group-size", "16", "--calib-samples", "2",
                            "--seqlen", "32", "--eval-windows", "2", "--report", str(report), "--device", "cpu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -74,3 +75,7 @@ def test_quantize_writes_report(tiny_checkpoints, tmp_path):
             "layers"} <= set(data)
     assert data["layers"][0].keys() >= {"name", "block", "kind", "loss", "rel_error", "seconds"}
     assert "ppl fp" in proc.stdout
+    assert data["method"] == method
+    # the method's resolved options are recorded, not only what the command line set
+    assert data["config"]["solver"]["rows_per_step"] == {"gptq": 1, "boa": 1, "turboboa": 8}[method]
+    assert data["config"]["solver"]["act_order"] is True
