@@ -9,6 +9,7 @@ from .errors import Cancelled, WorkbenchError
 
 
 def add_quantize_parser(sub):
+    from .aespa import LearnedOptions
     from .api import QuantizeConfig
     from .methods import METHODS
     d = QuantizeConfig()
@@ -41,11 +42,12 @@ def add_quantize_parser(sub):
                    help="grids from the initial weights (BoA) or when each row is reached (TurboBoA)")
     g.add_argument("--value-output", default=d.value_output, choices=["identity", "o_proj"],
                    help="output factor of the value projection's Hessian")
+    learned = LearnedOptions()
     g = p.add_argument_group("aespa / BRECQ (learned rounding)")
-    g.add_argument("--iters", type=int, default=None, help="optimizer steps per layer (aespa) or block (brecq); default 500")
-    g.add_argument("--lr", type=float, default=None, help="learning rate of the rounding variables; default 0.01")
+    g.add_argument("--iters", type=int, default=None, help=f"optimizer steps per layer (aespa) or block (brecq); default {learned.iters}")
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate of the rounding variables; default {learned.lr}")
     g.add_argument("--init", default=None, choices=["rtn", "gptq", "boa"],
-                   help="aespa's starting rounding; default boa")
+                   help=f"aespa's starting rounding; default {learned.init}")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write the quantized model here (compressed-tensors pack-quantized, loads in transformers/vLLM)")

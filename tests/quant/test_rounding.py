@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.quant.grid import GridConfig, rtn
+from workbench.quant.grid import GridConfig, group_params, rtn
 from workbench.quant.rounding import (LearnedRounding, RoundingConfig, beta_at, learn_rounding,
                                       optimize_rounding, rectified_sigmoid, rounding_regularizer)
 
@@ -107,3 +107,48 @@ def test_bad_configs_raise():
         RoundingConfig(warmup=1.5)
     with pytest.raises(WorkbenchError, match="group size"):
         LearnedRounding(torch.randn(4, 10), GridConfig(bits=4, group_size=4))
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 7.5])
+@pytest.mark.parametrize("start", ["floor", "codes"])
+def test_fused_soft_weight_matches_the_generic_formula(beta, start):
+    """The fixed-grid fast path gives the same soft weight, regularizer and gradient as autograd
+    through the written-out formula, including weights clamped at 0 or maxq and h clamped at 0 or 1."""
+    torch.manual_seed(1)
+    w = torch.randn(12, 32) * 3            # large weights: some codes sit at the clamp ends
+    grid = GridConfig(bits=2, group_size=16)
+    codes = None
+    if start == "codes":
+        scale, zero = group_params(w, grid)
+        codes = torch.clamp(torch.round(w / scale.repeat_interleave(16, 1)) + zero.repeat_interleave(16, 1),
+                            0, grid.maxq)
+    fused = LearnedRounding(w, grid, codes=codes, init_margin=0.2)
+    assert fused.fused
+    with torch.no_grad():
+        fused.v.add_(torch.randn_like(fused.v) * 3)    # h spread over (0, 1) and its clamped ends
+    assert bool((fused.h() == 0).any()) and bool((fused.h() == 1).any())
+    v_ref = fused.v.detach().clone().requires_grad_(True)
+    target = torch.randn_like(w)
+
+    fused.reg_beta = beta
+    w_f = fused()
+    reg_f = fused.step_regularizer(beta) if beta is not None else torch.zeros(())
+    ((w_f - target).pow(2).sum() + 0.3 * reg_f).backward()
+
+    h = rectified_sigmoid(v_ref)
+    w_g = expand_scale(fused) * (torch.clamp(fused.offset + h, 0, grid.maxq) - fused.zero_cols)
+    reg_g = rounding_regularizer(h, beta) if beta is not None else torch.zeros(())
+    ((w_g - target).pow(2).sum() + 0.3 * reg_g).backward()
+
+    torch.testing.assert_close(w_f, w_g)
+    torch.testing.assert_close(reg_f, reg_g)
+    torch.testing.assert_close(fused.v.grad, v_ref.grad)
+
+
+def expand_scale(r):
+    return r.scale.repeat_interleave(r.d_in // r.scale.shape[1], 1)
+
+
+def test_learned_scale_takes_the_generic_path():
+    w, _ = correlated_problem()
+    assert not LearnedRounding(w, GridConfig(bits=3, group_size=8), learn_scale=True).fused

@@ -71,6 +71,42 @@ def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
+class _SoftWeight(torch.autograd.Function):
+    """``(C + A * h(V), regularizer(h(V)))`` for a fixed grid, forward and backward by hand.
+
+    With the step size fixed, the clamped codes are affine in ``h`` (``A``, ``C`` fold in the
+    scale and the clamp to ``[0, maxq]``), so the soft weight is one fused multiply-add. Autograd
+    through the generic formula runs some thirty elementwise passes over the weight per step,
+    which cost more than the matmuls of a layer-wise loss; this needs about a dozen.
+    """
+
+    @staticmethod
+    def forward(ctx, v, A, C, zeta, gamma, beta):
+        sig = torch.sigmoid(v)
+        h = torch.add(v.new_tensor(gamma), sig, alpha=zeta - gamma).clamp_(0, 1)
+        w = torch.addcmul(C, A, h)
+        ctx.zeta_gamma, ctx.beta = zeta - gamma, beta
+        if beta is None:
+            ctx.save_for_backward(sig, h, A, None)
+            return w, v.new_zeros(())
+        t = torch.add(v.new_tensor(-1.0), h, alpha=2)
+        a = t.abs()
+        p = a.pow(beta - 1)                       # |2h - 1|^(beta - 1), reused by the gradient
+        reg = a.numel() - torch.dot(p.reshape(-1), a.reshape(-1))
+        ctx.save_for_backward(sig, h, A, torch.copysign(p, t, out=p))
+        return w, reg
+
+    @staticmethod
+    def backward(ctx, grad_w, grad_reg):
+        sig, h, A, signed_p = ctx.saved_tensors
+        g = grad_w * A                            # d loss / d h
+        if signed_p is not None:                  # d reg / d h = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)
+            g.add_(signed_p, alpha=-2 * ctx.beta * float(grad_reg))
+        # dh/dV = (zeta - gamma) sigma (1 - sigma) where the clamp is inactive, 0 where h is 0 or 1
+        dv = torch.addcmul(sig, sig, sig, value=-1).mul_(g).mul_(ctx.zeta_gamma)
+        return torch.ops.aten.hardtanh_backward(dv, h, 0.0, 1.0), None, None, None, None, None
+
+
 def beta_at(step: int, cfg: RoundingConfig) -> float | None:
     """Annealed beta, or None while the regularizer is still off (warmup)."""
     start = int(cfg.warmup * cfg.iters)
@@ -129,6 +165,15 @@ class LearnedRounding(nn.Module):
         # the zero point never changes: the integer offset of the codes is fixed once
         self.register_buffer("offset", self.base + expand_groups(self.zero, self.d_in))
         self.register_buffer("zero_cols", expand_groups(self.zero, self.d_in))
+        self.reg_beta: float | None = None         # set by the optimizer: regularize in the forward
+        self.last_reg: torch.Tensor | None = None
+        # fixed step size and integer codes: the soft weight is C + A * h (the fused path)
+        self.fused = not learn_scale and torch.equal(self.offset, self.offset.round())
+        if self.fused:
+            maxq = grid.maxq
+            slope = ((self.offset >= 0) & (self.offset <= maxq - 1)).float()
+            self.register_buffer("soft_slope", s0 * slope)
+            self.register_buffer("soft_const", s0 * (self.offset.clamp(0, maxq) - self.zero_cols))
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v, self.zeta, self.gamma)
@@ -139,12 +184,23 @@ class LearnedRounding(nn.Module):
         return torch.clamp(self.offset + up, 0, self.grid.maxq)
 
     def forward(self, hard: bool | None = None) -> torch.Tensor:
+        hard = self.hard if hard is None else hard
+        if self.fused and not hard:
+            w, reg = _SoftWeight.apply(self.v, self.soft_slope, self.soft_const, self.zeta, self.gamma,
+                                       self.reg_beta)
+            self.last_reg = None if self.reg_beta is None else reg
+            return w.reshape(self.shape)
         scale = expand_groups(self.scale.clamp(min=1e-10), self.d_in)
         w = scale * (self.codes(hard) - self.zero_cols)
         return w.reshape(self.shape)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         return rounding_regularizer(self.h(), beta)
+
+    def step_regularizer(self, beta: float) -> torch.Tensor:
+        """The regularizer of this step: the one the fused forward computed, else a fresh one."""
+        reg, self.last_reg = self.last_reg, None
+        return reg if reg is not None else self.regularizer(beta)
 
     @torch.no_grad()
     def result(self) -> RoundedWeight:
@@ -194,16 +250,18 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr})
     groups += [g for g in extra_params if g["params"]]
-    opt = torch.optim.Adam(groups)
+    opt = _adam(groups)
     hist = RoundingHistory()
     for r in rounders:
         r.hard = False
     with torch.enable_grad():        # callers may sit inside no_grad (the quantization engine)
         for step in range(cfg.iters):
             opt.zero_grad(set_to_none=True)
-            rec = loss_fn()
             beta = beta_at(step, cfg)
-            reg = sum(r.regularizer(beta) for r in rounders) if beta is not None else rec.new_zeros(())
+            for r in rounders:
+                r.reg_beta, r.last_reg = beta, None
+            rec = loss_fn()
+            reg = sum(r.step_regularizer(beta) for r in rounders) if beta is not None else rec.new_zeros(())
             (rec + cfg.reg_weight * reg).backward()
             opt.step()
             hist.loss.append(float(rec.detach()))
@@ -212,11 +270,21 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
             if callback is not None:
                 callback(step, hist.loss[-1])
     for r in rounders:
-        r.hard = True
+        r.hard, r.reg_beta, r.last_reg = True, None, None
     with torch.no_grad():
         hist.final_loss = float(loss_fn())
     hist.seconds = time.perf_counter() - t0
     return hist
+
+
+def _adam(groups: list[dict]) -> torch.optim.Optimizer:
+    """Adam with its single-kernel update where the parameters allow it (4-5x less time per step)."""
+    params = [p for g in groups for p in g["params"]]
+    same = len({(p.device.type, p.dtype) for p in params}) == 1
+    if same and params[0].device.type in ("cpu", "cuda") and params[0].dtype in (torch.float32, torch.float16,
+                                                                              torch.bfloat16, torch.float64):
+        return torch.optim.Adam(groups, fused=True)
+    return torch.optim.Adam(groups)
 
 
 def learn_rounding(weight: torch.Tensor, grid: GridConfig,
