@@ -1,6 +1,6 @@
 """aespa against its block-wise baseline (BRECQ) and the backpropagation-free solvers.
 
-    python benchmarks/aespa.py                                # W3 g64 and W2 g64, 500 steps
+    python benchmarks/aespa.py                                # W3 g64 and W2 g64, 200 steps
     python benchmarks/aespa.py --max-blocks 2 --iters 100     # a quick look
 
 aespa and BRECQ get the same iteration budget (``--iters``): steps per layer for aespa (each on
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="aespa,brecq,gptq,boa,turboboa")
     p.add_argument("--settings", default="w3g64,w2g64", help=f"from {', '.join(SETTINGS)}")
-    p.add_argument("--iters", type=int, default=500, help="optimizer steps, the same for aespa and brecq")
+    p.add_argument("--iters", type=int, default=200, help="optimizer steps, the same for aespa and brecq")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--init", default=None, choices=["rtn", "gptq", "boa"], help="aespa's starting rounding")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -63,10 +63,10 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{method:<9} {bits:>4} {group:>5} {rep.ppl_quant:>9.3f} {rep.quant_seconds:>8.1f} "
                   f"{rep.timings['solve']:>8.1f} {rel:>12.4f}", flush=True)
+            if args.json:   # after every row, so a long run that is stopped keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
     print(f"fp ppl {ppl_fp:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
     return 0
 
 
