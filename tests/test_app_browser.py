@@ -53,6 +53,20 @@ def test_settings_route_turboboa_options_only_to_turboboa():
     assert make_settings(**FORM) == make_settings(**FORM) and hash(make_settings(**FORM)) == hash(make_settings(**FORM))
 
 
+def test_settings_route_learned_rounding_options_to_their_methods():
+    s = make_settings(**{**FORM, "iters": 7, "lr": 0.05, "init": "BoA"})
+    aespa, brecq, gptq = s.config("aespa"), s.config("brecq"), s.config("gptq")
+    assert (aespa.iters, aespa.lr, aespa.init) == (7, 0.05, "boa")
+    assert (brecq.iters, brecq.lr, brecq.init) == (7, 0.05, None)     # BRECQ starts from round to nearest
+    assert (gptq.iters, gptq.lr, gptq.init) == (None, None, None)
+    with pytest.raises(WorkbenchError, match="Rounding steps must be at least 1"):
+        make_settings(**{**FORM, "iters": 0})
+    with pytest.raises(WorkbenchError, match="Start from must be one of rtn, gptq, boa"):
+        make_settings(**{**FORM, "init": "awq"})
+    with pytest.raises(WorkbenchError, match="Learning rate must be between"):
+        make_settings(**{**FORM, "lr": 0})
+
+
 def test_sessions_are_separate_and_survive_gradio_copies():
     import copy
     a, b = Session(), Session()
@@ -233,4 +247,18 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser):
     assert page.locator("#wb-i-heatmap .heatmaplayer .hm").count() == 1
     assert page.locator("#wb-i-scatter .scatterlayer .trace").count() == 4           # one per method run
     _shot(page, "app-inspect.png")
+
+    # aespa: its rounding options come with it, and a short run draws every layer
+    page.get_by_role("tab", name="Quantize").click()
+    assert not page.locator("#wb-iters").is_visible()
+    page.locator("#wb-method").get_by_text("aespa", exact=True).click()
+    page.wait_for_selector("#wb-iters", state="visible")
+    assert page.locator("#wb-init").is_visible()
+    _set(page, "wb-iters", 10)
+    page.locator("#wb-run").click()
+    page.wait_for_selector("#wb-q-status :text('aespa finished')")
+    assert page.locator("#wb-q-plot .scatterlayer .trace .point").count() == 14
+    page.locator("#wb-method").get_by_text("BRECQ", exact=True).click()
+    page.wait_for_selector("#wb-init", state="hidden")                               # BRECQ starts from RTN
+    assert page.locator("#wb-iters").is_visible()
     page.close()

@@ -5,7 +5,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 METHOD_COLORS = {"rtn": "#7f7f7f", "gptq": "#1f77b4", "boa": "#ff7f0e", "turboboa": "#2ca02c"}
-METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA", "turboboa": "TurboBoA"}
+METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA", "turboboa": "TurboBoA", "aespa": "aespa",
+                 "brecq": "BRECQ"}
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
 

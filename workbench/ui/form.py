@@ -23,16 +23,19 @@ class Form:
     rows_per_step: gr.Number
     dx_alpha: gr.Slider
     refine_iters: gr.Number
+    iters: gr.Number
+    lr: gr.Number
+    init: gr.Radio
 
     def inputs(self) -> list:
         """In the argument order of ``settings.make_settings``."""
         return [self.model, self.calib, self.calib_samples, self.seqlen, self.eval_windows, self.bits,
                 self.group_size, self.max_blocks, self.device, self.rows_per_step, self.dx_alpha,
-                self.refine_iters]
+                self.refine_iters, self.iters, self.lr, self.init]
 
 
 def build_form(d: AppDefaults) -> Form:
-    """The shared row; the TurboBoA options are created hidden and placed by the Quantize tab."""
+    """The shared row; the TurboBoA and learned-rounding options are created here and placed by the Quantize tab."""
     models = list(dict.fromkeys([d.model, *EMBEDDED]))
     with gr.Row(equal_height=True):
         model = gr.Dropdown(models, value=d.model, allow_custom_value=True, scale=3, elem_id="wb-model",
@@ -58,5 +61,11 @@ def build_form(d: AppDefaults) -> Form:
                       info="correction for errors inherited from earlier layers", render=False, elem_id="wb-alpha")
     refine = gr.Number(d.refine_iters, precision=0, label="Refine iterations", info="scale refinement sweeps",
                        render=False, elem_id="wb-refine")
+    iters = gr.Number(d.iters, precision=0, label="Rounding steps", render=False, elem_id="wb-iters",
+                      info="Adam steps per layer (aespa) or per block (BRECQ)")
+    lr = gr.Number(d.lr, label="Learning rate", info="Adam on the rounding variables", render=False, elem_id="wb-lr")
+    init = gr.Radio([("GPTQ", "gptq"), ("BoA", "boa"), ("RTN", "rtn")], value=d.init, label="Start from",
+                    info="aespa: the rounding it learns from", render=False, elem_id="wb-init",
+                    visible=d.method != "brecq")
     return Form(model, calib, calib_samples, seqlen, eval_windows, bits, group_size, max_blocks, device,
-                rows, alpha, refine)
+                rows, alpha, refine, iters, lr, init)

@@ -13,7 +13,7 @@ from ..figures.style import method_label
 from . import text
 from .form import Form
 from .models import ModelCache
-from .settings import AppDefaults, make_settings, method_choices
+from .settings import LEARNED_METHODS, AppDefaults, make_settings, method_choices
 from .views import (empty_layers, error_text, file_stem, layer_display, message_html, perplexity_markdown,
                     progress_html, write_run_files)
 from .work import quantize_one
@@ -45,6 +45,10 @@ def build_quantize_tab(form: Form, session: gr.State, models: ModelCache, d: App
         form.rows_per_step.render()
         form.dx_alpha.render()
         form.refine_iters.render()
+    with gr.Row(visible=d.method in LEARNED_METHODS) as learned:
+        form.iters.render()
+        form.lr.render()
+        form.init.render()
     view = QuantizeView(
         status=gr.HTML(elem_id="wb-q-status"),
         progress=gr.HTML(elem_id="wb-q-progress"),
@@ -53,7 +57,9 @@ def build_quantize_tab(form: Form, session: gr.State, models: ModelCache, d: App
         table=gr.Dataframe(label="Per-layer results", elem_id="wb-q-table", interactive=False, max_height=360),
         files=gr.File(label="Report downloads (JSON, CSV)", file_count="multiple", elem_id="wb-q-files",
                       interactive=False))
-    method.change(lambda m: gr.Row(visible=m == "turboboa"), method, turbo, show_progress="hidden")
+    method.change(lambda m: (gr.Row(visible=m == "turboboa"), gr.Row(visible=m in LEARNED_METHODS),
+                             gr.Radio(visible=m == "aespa")),
+                  method, [turbo, learned, form.init], show_progress="hidden")
 
     def on_run(sess, m, *values):
         yield from stream_quantize(sess, models, view, m, values)

@@ -4,13 +4,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..aespa import INITS, LearnedOptions
 from ..api import QuantizeConfig
+from ..figures.style import method_label
 from ..errors import WorkbenchError
 from ..methods import METHODS, method_spec
 from ..models.loading import DEFAULT_MODEL
 
 COMPARE_METHODS = ("rtn", "gptq", "boa", "turboboa")
+LEARNED_METHODS = ("aespa", "brecq")
 TURBO = method_spec("turboboa").solver
+LEARNED = LearnedOptions()
 
 
 @dataclass
@@ -28,6 +32,9 @@ class AppDefaults:
     rows_per_step: int = TURBO.rows_per_step
     dx_alpha: float = TURBO.dx_alpha
     refine_iters: int = TURBO.refine_iters
+    iters: int = LEARNED.iters
+    lr: float = LEARNED.lr
+    init: str = LEARNED.init
     device: str = "auto"
     batch_size: int = 4
     seed: int = 0
@@ -50,6 +57,9 @@ class Settings:
     rows_per_step: int
     dx_alpha: float
     refine_iters: int
+    iters: int = LEARNED.iters
+    lr: float = LEARNED.lr
+    init: str = LEARNED.init
 
     @property
     def heldout_windows(self) -> int:
@@ -57,14 +67,15 @@ class Settings:
         return 8 if self.eval_windows <= 0 else min(self.eval_windows, 8)
 
     def config(self, method: str) -> QuantizeConfig:
-        """The engine config for ``method``; the TurboBoA options only reach TurboBoA."""
-        turbo = method == "turboboa"
+        """The engine config for ``method``; the TurboBoA and learned-rounding options only reach their methods."""
+        turbo, learned = method == "turboboa", method in LEARNED_METHODS
         return QuantizeConfig(
             model=self.model, method=method, bits=self.bits, group_size=self.group_size, calib=self.calib,
             calib_samples=self.calib_samples, seqlen=self.seqlen, eval_windows=self.eval_windows,
             max_blocks=self.max_blocks, device=self.device, batch_size=self.batch_size, seed=self.seed,
             rows_per_step=self.rows_per_step if turbo else None, dx_alpha=self.dx_alpha if turbo else None,
-            refine_iters=self.refine_iters if turbo else None)
+            refine_iters=self.refine_iters if turbo else None, iters=self.iters if learned else None,
+            lr=self.lr if learned else None, init=self.init if method == "aespa" else None)
 
     def spectra_key(self) -> tuple:
         """Spectra depend on the model and the calibration windows only."""
@@ -99,7 +110,8 @@ def _float(name: str, value, low: float, high: float) -> float:
 
 
 def make_settings(model, calib, calib_samples, seqlen, eval_windows, bits, group_size, max_blocks, device,
-                  rows_per_step, dx_alpha, refine_iters, batch_size=4, seed=0) -> Settings:
+                  rows_per_step, dx_alpha, refine_iters, iters=LEARNED.iters, lr=LEARNED.lr, init=LEARNED.init,
+                  batch_size=4, seed=0) -> Settings:
     """Form values to ``Settings``; raises ``WorkbenchError`` naming the field and the fix."""
     model = (model or "").strip()
     if not model:
@@ -118,11 +130,20 @@ def make_settings(model, calib, calib_samples, seqlen, eval_windows, bits, group
                  device=(device or "auto").strip(), batch_size=_int("Batch size", batch_size, 1, 1024),
                  seed=_int("Seed", seed, 0), rows_per_step=_int("Rows per step", rows_per_step, 1, 4096),
                  dx_alpha=_float("dx alpha", dx_alpha, 0.0, 1.0),
-                 refine_iters=_int("Refine iterations", refine_iters, 0, 100))
+                 refine_iters=_int("Refine iterations", refine_iters, 0, 100),
+                 iters=_int("Rounding steps", iters, 1, 100000), lr=_float("Learning rate", lr, 1e-6, 10.0),
+                 init=_choice("Start from", init, INITS))
     _check_device(s.device)
-    for method in COMPARE_METHODS:   # the engine's own checks (grid, device...), before any work
+    for method in (*COMPARE_METHODS, *LEARNED_METHODS):   # the engine's own checks, before any work
         s.config(method).validate()
     return s
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+    v = (value or "").strip().lower()
+    if v not in choices:
+        raise WorkbenchError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return v
 
 
 def _check_device(device: str):
@@ -137,5 +158,4 @@ def _check_device(device: str):
 
 
 def method_choices() -> list[tuple[str, str]]:
-    labels = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA", "turboboa": "TurboBoA"}
-    return [(labels.get(m, m), m) for m in METHODS]
+    return [(method_label(m), m) for m in METHODS]
