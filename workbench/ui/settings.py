@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ..aespa import INITS, LearnedOptions
 from ..api import QuantizeConfig
-from ..figures.style import method_label
 from ..errors import WorkbenchError
+from ..figures.style import method_label
 from ..methods import METHODS, method_spec
 from ..models.loading import DEFAULT_MODEL
 
