@@ -57,9 +57,9 @@ class Settings:
     rows_per_step: int
     dx_alpha: float
     refine_iters: int
-    iters: int = LEARNED.iters
-    lr: float = LEARNED.lr
-    init: str = LEARNED.init
+    iters: int
+    lr: float
+    init: str
 
     @property
     def heldout_windows(self) -> int:
