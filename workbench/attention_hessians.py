@@ -68,6 +68,14 @@ def causal_apply(A: torch.Tensor, x: torch.Tensor, chunks: int = 16) -> torch.Te
     return torch.cat(parts, dim=2)
 
 
+def add_position_moments(G: torch.Tensor, t: torch.Tensor):
+    """``G[h, l] += sum_{b, g} t[b, h, g, l]^T t[b, h, g, l]``: one batched matmul (an einsum makes
+    thousands of tiny ones), for ``G [H, L, d, d]`` and ``t [b, H, n, L, d]``."""
+    b, H, n, L, d = t.shape
+    tt = t.permute(1, 3, 4, 0, 2).reshape(H * L, d, b * n)
+    G.view(H * L, d, d).baddbmm_(tt, tt.transpose(1, 2))
+
+
 class AttentionHessians:
     """Streams q/k/v statistics of one block; ``finish()`` gives the Kronecker factors per kind."""
 
@@ -87,9 +95,8 @@ class AttentionHessians:
         """``x [b, L, d_in]``; post-rotary ``q [b, n_heads, L, d]``, ``k [b, n_kv, L, d]``."""
         g = self.geometry
         b, L = x.shape[:2]
-        self.G_keys += torch.einsum("bhli,bhlj->hlij", k, k)
-        qg = q.reshape(b, g.n_kv_heads, g.group, L, g.head_dim)   # query heads of one KV head together
-        self.G_queries += torch.einsum("bhgli,bhglj->hlij", qg, qg)
+        add_position_moments(self.G_keys, k.unsqueeze(2))
+        add_position_moments(self.G_queries, q.reshape(b, g.n_kv_heads, g.group, L, g.head_dim))
         A = attention_probs(q, k, scaling)                          # [b, n_heads, L, L]
         Y = causal_apply(A, x)                                      # [b, n_heads, L, d_in]
         Y = Y.reshape(b, g.n_kv_heads, g.group * L, -1).transpose(0, 1).reshape(g.n_kv_heads, -1, x.shape[-1])

@@ -80,10 +80,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) ->
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
     """Causal softmax probabilities ``[b, n_heads, L, L]`` (explicit, for statistics)."""
     group = q.shape[1] // k.shape[1]
-    logits = (q @ repeat_kv(k, group).transpose(-1, -2)) * scaling
+    # in place on the one [b, h, L, L] buffer: these are the largest tensors of the statistics
+    logits = torch.matmul(q, repeat_kv(k, group).transpose(-1, -2)).mul_(scaling)
     L = q.shape[2]
     mask = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
+    return torch.softmax(logits.masked_fill_(mask, float("-inf")), dim=-1)
 
 
 def split_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -15,7 +15,9 @@ anything else that is differentiable in the soft weights.
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -71,40 +73,99 @@ def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
-class _SoftWeight(torch.autograd.Function):
-    """``(C + A * h(V), regularizer(h(V)))`` for a fixed grid, forward and backward by hand.
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def _abs_pow(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``|t| ** p`` for ``p >= 1`` as exp(p log|t|): vectorized where compiled, unlike a tensor power."""
+    return torch.exp(p * torch.log(t.abs().clamp_min(1e-30)))
+
+
+def soft_weight_and_regularizer(v, A, C, beta, zeta_gamma: float, gamma: float):
+    """``(C + A * h(V), sum(1 - |2h - 1|^beta))`` for a fixed grid.
 
     With the step size fixed, the clamped codes are affine in ``h`` (``A``, ``C`` fold in the
-    scale and the clamp to ``[0, maxq]``), so the soft weight is one fused multiply-add. Autograd
-    through the generic formula runs some thirty elementwise passes over the weight per step,
-    which cost more than the matmuls of a layer-wise loss; this needs about a dozen.
+    scale and the clamp to ``[0, maxq]``), so the soft weight is one multiply-add.
     """
+    h = (torch.sigmoid(v) * zeta_gamma + gamma).clamp(0, 1)
+    reg = (1 - _abs_pow(2 * h - 1, beta)).sum()
+    return torch.addcmul(C, A, h), reg
+
+
+def soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma: float, gamma: float):
+    """``d(rec + reg_weight * reg) / dV`` from ``d rec / dW_hat`` for the soft weight above."""
+    sig = torch.sigmoid(v)
+    raw = sig * zeta_gamma + gamma
+    t = 2 * raw.clamp(0, 1) - 1
+    # d reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)
+    g_h = grad_w * A - torch.copysign(2 * reg_weight * beta * _abs_pow(t, beta - 1), t)
+    # dh/dV = (zeta - gamma) sigma (1 - sigma) where the clamp is inactive, 0 where h is 0 or 1
+    inside = (raw > 0) & (raw < 1)
+    return torch.where(inside, g_h * (zeta_gamma * sig * (1 - sig)), torch.zeros_like(g_h))
+
+
+def adam_rounding_step(v, m, s, grad_w, A, beta, reg_weight, lr, bias1, bias2, zeta_gamma: float, gamma: float):
+    """One Adam step on ``V`` (in place, as ``torch.optim.Adam``) from ``d rec / dW_hat``."""
+    g = soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma, gamma)
+    b1, b2 = ADAM_BETAS
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    s.mul_(b2).addcmul_(g, g, value=1 - b2)
+    v.sub_(lr / bias1 * m / (s.sqrt() / bias2.sqrt() + ADAM_EPS))
+
+
+_KERNELS: dict = {}
+
+
+def kernel(fn: Callable) -> Callable:
+    """``fn`` compiled into one fused loop (``torch.compile``) on first use.
+
+    The elementwise chain of a rounding step is a dozen passes over the weight in eager mode,
+    as much time as the matmuls of a layer-wise loss; compiled it is one or two. Where compiling
+    is switched off (``WORKBENCH_COMPILE=0``) or fails (no C++ compiler), the eager ``fn`` runs:
+    the same numbers, only slower.
+    """
+    if os.environ.get("WORKBENCH_COMPILE", "1") == "0":
+        return fn
+    compiled = _KERNELS.get(fn)
+    if compiled is None:
+        compiled = _KERNELS[fn] = _with_fallback(fn, torch.compile(fn, dynamic=False))
+    return compiled
+
+
+def _with_fallback(fn: Callable, compiled: Callable) -> Callable:
+    def call(*args):
+        if _KERNELS.get(fn) is fn:
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as exc:     # a missing compiler or an unsupported backend: stay correct
+            warnings.warn(f"torch.compile failed for {fn.__name__} ({type(exc).__name__}: {exc}); "
+                          "running it eagerly", RuntimeWarning, stacklevel=2)
+            _KERNELS[fn] = fn
+            return fn(*args)
+    return call
+
+
+class _SoftWeight(torch.autograd.Function):
+    """``soft_weight_and_regularizer`` with its gradient by hand, for losses optimized by autograd and
+    ``torch.optim`` (where other parameters are learned alongside). Autograd through the generic
+    formula runs some thirty elementwise passes over the weight per step."""
 
     @staticmethod
     def forward(ctx, v, A, C, zeta, gamma, beta):
-        sig = torch.sigmoid(v)
-        h = torch.add(v.new_tensor(gamma), sig, alpha=zeta - gamma).clamp_(0, 1)
-        w = torch.addcmul(C, A, h)
-        ctx.zeta_gamma, ctx.beta = zeta - gamma, beta
-        if beta is None:
-            ctx.save_for_backward(sig, h, A, None)
-            return w, v.new_zeros(())
-        t = torch.add(v.new_tensor(-1.0), h, alpha=2)
-        a = t.abs()
-        p = a.pow(beta - 1)                       # |2h - 1|^(beta - 1), reused by the gradient
-        reg = a.numel() - torch.dot(p.reshape(-1), a.reshape(-1))
-        ctx.save_for_backward(sig, h, A, torch.copysign(p, t, out=p))
-        return w, reg
+        b = v.new_tensor(2.0 if beta is None else beta)
+        w, reg = kernel(soft_weight_and_regularizer)(v, A, C, b, zeta - gamma, gamma)
+        ctx.zeta_gamma, ctx.gamma, ctx.beta = zeta - gamma, gamma, b
+        ctx.regularized = beta is not None
+        ctx.save_for_backward(v, A)
+        return w, (reg if beta is not None else v.new_zeros(()))
 
     @staticmethod
     def backward(ctx, grad_w, grad_reg):
-        sig, h, A, signed_p = ctx.saved_tensors
-        g = grad_w * A                            # d loss / d h
-        if signed_p is not None:                  # d reg / d h = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)
-            g.add_(signed_p, alpha=-2 * ctx.beta * float(grad_reg))
-        # dh/dV = (zeta - gamma) sigma (1 - sigma) where the clamp is inactive, 0 where h is 0 or 1
-        dv = torch.addcmul(sig, sig, sig, value=-1).mul_(g).mul_(ctx.zeta_gamma)
-        return torch.ops.aten.hardtanh_backward(dv, h, 0.0, 1.0), None, None, None, None, None
+        v, A = ctx.saved_tensors
+        lam = grad_reg.to(v.dtype) if ctx.regularized else v.new_zeros(())
+        dv = kernel(soft_weight_grad)(v, grad_w, A, ctx.beta, lam, ctx.zeta_gamma, ctx.gamma)
+        return dv, None, None, None, None, None
 
 
 def beta_at(step: int, cfg: RoundingConfig) -> float | None:
@@ -167,6 +228,7 @@ class LearnedRounding(nn.Module):
         self.register_buffer("zero_cols", expand_groups(self.zero, self.d_in))
         self.reg_beta: float | None = None         # set by the optimizer: regularize in the forward
         self.last_reg: torch.Tensor | None = None
+        self.step_weight: torch.Tensor | None = None   # the soft weight of this step (fused optimizer)
         # fixed step size and integer codes: the soft weight is C + A * h (the fused path)
         self.fused = not learn_scale and torch.equal(self.offset, self.offset.round())
         if self.fused:
@@ -185,6 +247,8 @@ class LearnedRounding(nn.Module):
 
     def forward(self, hard: bool | None = None) -> torch.Tensor:
         hard = self.hard if hard is None else hard
+        if self.step_weight is not None and not hard:
+            return self.step_weight.reshape(self.shape)
         if self.fused and not hard:
             w, reg = _SoftWeight.apply(self.v, self.soft_slope, self.soft_const, self.zeta, self.gamma,
                                        self.reg_beta)
@@ -245,12 +309,25 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
     groups learned alongside (e.g. activation step sizes). Rounders end in hard mode.
     """
     t0 = time.perf_counter()
+    extra = [g for g in extra_params if g["params"]]
+    if not extra and all(r.fused for r in rounders):
+        hist = _optimize_fixed_grids(rounders, loss_fn, cfg, callback)
+    else:
+        hist = _optimize_autograd(rounders, loss_fn, cfg, extra, callback)
+    for r in rounders:
+        r.hard, r.reg_beta, r.last_reg, r.step_weight = True, None, None, None
+    with torch.no_grad():
+        hist.final_loss = float(loss_fn())
+    hist.seconds = time.perf_counter() - t0
+    return hist
+
+
+def _optimize_autograd(rounders, loss_fn, cfg: RoundingConfig, extra: list[dict], callback) -> RoundingHistory:
     groups = [{"params": [r.v for r in rounders], "lr": cfg.lr}]
     scales = [r.scale for r in rounders if isinstance(r.scale, nn.Parameter)]
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr})
-    groups += [g for g in extra_params if g["params"]]
-    opt = _adam(groups)
+    opt = _adam(groups + extra)
     hist = RoundingHistory()
     for r in rounders:
         r.hard = False
@@ -264,17 +341,54 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
             reg = sum(r.step_regularizer(beta) for r in rounders) if beta is not None else rec.new_zeros(())
             (rec + cfg.reg_weight * reg).backward()
             opt.step()
-            hist.loss.append(float(rec.detach()))
-            hist.reg.append(float(reg.detach()))
-            hist.beta.append(beta)
-            if callback is not None:
-                callback(step, hist.loss[-1])
-    for r in rounders:
-        r.hard, r.reg_beta, r.last_reg = True, None, None
-    with torch.no_grad():
-        hist.final_loss = float(loss_fn())
-    hist.seconds = time.perf_counter() - t0
+            _record(hist, step, rec, reg, beta, callback)
     return hist
+
+
+def _optimize_fixed_grids(rounders, loss_fn, cfg: RoundingConfig, callback) -> RoundingHistory:
+    """The same optimization (Adam on V, same regularizer) with each step's elementwise work in
+    two compiled kernels per weight: soft weight and regularizer, then gradient and Adam update.
+
+    Autograd only carries ``d rec / dW_hat`` (the weight of the step is a leaf); everything after
+    it is ``adam_rounding_step``.
+    """
+    hist = RoundingHistory()
+    moments = [(torch.zeros_like(r.v), torch.zeros_like(r.v)) for r in rounders]
+    forward, update = kernel(soft_weight_and_regularizer), kernel(adam_rounding_step)
+    const = lambda x: torch.tensor(x, dtype=torch.float32, device=rounders[0].v.device)  # noqa: E731
+    lr = const(cfg.lr)
+    for r in rounders:
+        r.hard = False
+    for step in range(cfg.iters):
+        beta = beta_at(step, cfg)
+        b, lam = const(2.0 if beta is None else beta), const(0.0 if beta is None else cfg.reg_weight)
+        regs = []
+        with torch.no_grad():
+            for r in rounders:
+                w, reg = forward(r.v, r.soft_slope, r.soft_const, b, r.zeta - r.gamma, r.gamma)
+                r.step_weight = w.requires_grad_(True)
+                regs.append(reg)
+        with torch.enable_grad():
+            rec = loss_fn()
+            rec.backward()
+        t = step + 1
+        bias1, bias2 = const(1 - ADAM_BETAS[0] ** t), const(1 - ADAM_BETAS[1] ** t)
+        with torch.no_grad():
+            for r, (m, s) in zip(rounders, moments):
+                grad = r.step_weight.grad
+                grad = torch.zeros_like(r.step_weight) if grad is None else grad
+                update(r.v, m, s, grad, r.soft_slope, b, lam, lr, bias1, bias2, r.zeta - r.gamma, r.gamma)
+        reg = sum(regs) if beta is not None else rec.new_zeros(())
+        _record(hist, step, rec, reg, beta, callback)
+    return hist
+
+
+def _record(hist: RoundingHistory, step: int, rec, reg, beta, callback):
+    hist.loss.append(float(rec.detach()))
+    hist.reg.append(float(reg.detach()))
+    hist.beta.append(beta)
+    if callback is not None:
+        callback(step, hist.loss[-1])
 
 
 def _adam(groups: list[dict]) -> torch.optim.Optimizer:
