@@ -71,22 +71,25 @@ def as_heads(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) ->
 
 
 class _KroneckerQuadratic(torch.autograd.Function):
-    """``sum_b tr(H_out dW H_in dW^T)`` whose gradient ``2 H_out dW H_in`` reuses the forward's product.
+    """``sum_b tr(H_out dW H_in dW^T) / 2`` for pre-scaled factors: the gradient is the forward's
+    product ``H_out dW H_in`` itself.
 
-    Both factors are symmetric, so the backward pass needs no matmul: half the work of autograd
-    through ``kronecker_loss``, and the matmuls are most of the cost of an aespa step.
+    Both factors are symmetric, so the backward pass needs no matmul and, for the plain
+    ``loss.backward()`` of the optimizer, not even a multiply: the product is handed over as the
+    gradient (kept off ``save_for_backward``, so autograd takes it instead of copying it).
     """
 
     @staticmethod
     def forward(ctx, dW, H_in, H_out):
         P = dW @ H_in if H_out is None else H_out @ dW @ H_in
-        ctx.save_for_backward(P)
-        return torch.dot(P.reshape(-1), dW.reshape(-1))
+        ctx.product = P
+        return torch.dot(P.reshape(-1), dW.reshape(-1)) / 2
 
     @staticmethod
     def backward(ctx, grad):
-        (P,) = ctx.saved_tensors
-        return 2 * grad * P, None, None
+        P = ctx.product
+        del ctx.product
+        return (P if float(grad) == 1.0 else grad * P), None, None
 
 
 def moment_loss(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None = None,
@@ -98,9 +101,10 @@ def moment_loss(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None 
     W3 = as_heads(W.float(), H_in, H_out)
     norm = float(kronecker_loss(W3, H_in, H_out))
     norm = norm if norm > 0 else 1.0
+    H_scaled = H_in * (2.0 / norm)      # then the product is the gradient: d/dW tr(.) / norm
 
     def loss(W_hat: torch.Tensor) -> torch.Tensor:
-        return _KroneckerQuadratic.apply(W_hat.reshape(W3.shape) - W3, H_in, H_out) / norm
+        return _KroneckerQuadratic.apply(W_hat.reshape(W3.shape) - W3, H_scaled, H_out)
     return loss
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .hessians import add_gram, symmetric_from_upper
 from .models.base import AttentionGeometry, attention_probs, repeat_kv
 
 VALUE_OUTPUTS = ("identity", "o_proj")
@@ -100,7 +101,7 @@ class AttentionHessians:
         A = attention_probs(q, k, scaling)                          # [b, n_heads, L, L]
         Y = causal_apply(A, x)                                      # [b, n_heads, L, d_in]
         Y = Y.reshape(b, g.n_kv_heads, g.group * L, -1).transpose(0, 1).reshape(g.n_kv_heads, -1, x.shape[-1])
-        self.H_value += Y.transpose(-1, -2) @ Y
+        add_gram(self.H_value, Y)
         self.samples += b
         self.tokens += b * L
 
@@ -119,7 +120,7 @@ class AttentionHessians:
         H_k = rope_sandwich(self.G_queries, position_tables(cos, sin, later=False)) / n
         out = {"q": {"H_out": repeat_kv(H_q.unsqueeze(0), g.group)[0]},   # query heads share their KV head's
                "k": {"H_out": H_k},
-               "v": {"H_in": self.H_value * (2.0 / n)}}
+               "v": {"H_in": symmetric_from_upper(self.H_value).mul_(2.0 / n)}}
         if self.value_output == "o_proj" and o_proj_weight is not None:
             Wo = o_proj_weight.float().reshape(-1, g.n_kv_heads, g.group, d)   # columns by (kv head, query head)
             out["v"]["H_out"] = torch.einsum("okgi,okgj->kij", Wo, Wo) / g.group

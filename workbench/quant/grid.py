@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import WorkbenchError
+from .compiled import kernel
 
 SEARCHES = ("minmax", "mse")
 
@@ -55,8 +56,13 @@ def largest_divisor_at_most(n: int, k: int) -> int:
 
 def minmax_params(w: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0):
     """Scale and zero point covering ``shrink`` x the range of ``w`` over its last dim."""
-    lo = (w.amin(-1, keepdim=True) * shrink).clamp(max=0)
-    hi = (w.amax(-1, keepdim=True) * shrink).clamp(min=0)
+    return range_params(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), maxq, symmetric, shrink)
+
+
+def range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0):
+    """Scale and zero point covering ``shrink`` x ``[lo, hi]`` (and 0)."""
+    lo = (lo * shrink).clamp(max=0)
+    hi = (hi * shrink).clamp(min=0)
     if symmetric:
         hi = torch.maximum(lo.abs(), hi)
         lo = -hi
@@ -83,18 +89,32 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 
 def mse_params(w: torch.Tensor, cfg: GridConfig):
-    """Grid search over shrunk ranges, keeping per row the one with the least |error|^norm."""
-    best_scale, best_zero = minmax_params(w, cfg.maxq, cfg.symmetric)
-    best_err = (fake_quantize(w, best_scale, best_zero, cfg.maxq) - w).abs().pow(cfg.mse_norm).sum(-1, keepdim=True)
+    """Grid search over shrunk ranges, keeping per row the one with the least |error|^norm.
+
+    Each candidate is one fused pass over ``w`` (``kernel``): the search is a fixed cost of every
+    method that takes MSE grids, and in eager mode it cost as much as a GPTQ solve.
+    """
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    best_scale, best_zero = range_params(lo, hi, cfg.maxq, cfg.symmetric)
+    best_err = range_error(w, best_scale, best_zero, cfg.maxq, cfg.mse_norm)
+    step = kernel(mse_search_step, dynamic=True)
     for i in range(1, int(cfg.mse_max_shrink * cfg.mse_steps) + 1):
-        shrink = 1 - i / cfg.mse_steps
-        scale, zero = minmax_params(w, cfg.maxq, cfg.symmetric, shrink)
-        err = (fake_quantize(w, scale, zero, cfg.maxq) - w).abs().pow(cfg.mse_norm).sum(-1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+        shrink = torch.tensor(1 - i / cfg.mse_steps, dtype=w.dtype, device=w.device)
+        best_err, best_scale, best_zero = step(w, lo, hi, shrink, best_err, best_scale, best_zero,
+                                               cfg.maxq, cfg.symmetric, cfg.mse_norm)
     return best_scale, best_zero
+
+
+def range_error(w, scale, zero, maxq: int, norm: float) -> torch.Tensor:
+    return (fake_quantize(w, scale, zero, maxq) - w).abs().pow(norm).sum(-1, keepdim=True)
+
+
+def mse_search_step(w, lo, hi, shrink, best_err, best_scale, best_zero, maxq: int, symmetric: bool, norm: float):
+    """The best of the grids so far and the one of range ``shrink x [lo, hi]``, per row."""
+    scale, zero = range_params(lo, hi, maxq, symmetric, shrink)
+    err = range_error(w, scale, zero, maxq, norm)
+    better = err < best_err
+    return torch.where(better, err, best_err), torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
 
 
 def find_params(w: torch.Tensor, cfg: GridConfig):

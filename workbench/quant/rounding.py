@@ -15,9 +15,7 @@ anything else that is differentiable in the soft weights.
 from __future__ import annotations
 
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import WorkbenchError
+from .compiled import kernel
 from .grid import GridConfig, expand_groups, group_params
 
 ZETA, GAMMA = 1.1, -0.1
@@ -93,57 +92,32 @@ def soft_weight_and_regularizer(v, A, C, beta, zeta_gamma: float, gamma: float):
 
 
 def soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma: float, gamma: float):
-    """``d(rec + reg_weight * reg) / dV`` from ``d rec / dW_hat`` for the soft weight above."""
+    """``(d(rec + reg_weight * reg) / dV, reg)`` from ``d rec / dW_hat`` for the soft weight above."""
     sig = torch.sigmoid(v)
     raw = sig * zeta_gamma + gamma
     t = 2 * raw.clamp(0, 1) - 1
+    p = _abs_pow(t, beta - 1)
+    reg = (1 - t.abs() * p).sum()        # |t| * |t|^(beta - 1): the regularizer from the same power
     # d reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)
-    g_h = grad_w * A - torch.copysign(2 * reg_weight * beta * _abs_pow(t, beta - 1), t)
+    g_h = grad_w * A - torch.copysign(2 * reg_weight * beta * p, t)
     # dh/dV = (zeta - gamma) sigma (1 - sigma) where the clamp is inactive, 0 where h is 0 or 1
     inside = (raw > 0) & (raw < 1)
-    return torch.where(inside, g_h * (zeta_gamma * sig * (1 - sig)), torch.zeros_like(g_h))
+    return torch.where(inside, g_h * (zeta_gamma * sig * (1 - sig)), torch.zeros_like(g_h)), reg
 
 
-def adam_rounding_step(v, m, s, grad_w, A, beta, reg_weight, lr, bias1, bias2, zeta_gamma: float, gamma: float):
-    """One Adam step on ``V`` (in place, as ``torch.optim.Adam``) from ``d rec / dW_hat``."""
-    g = soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma, gamma)
+def adam_rounding_step(v, m, s, grad_w, A, C, beta, reg_weight, lr, bias1, bias2,
+                       zeta_gamma: float, gamma: float):
+    """One Adam step on ``V`` (in place, as ``torch.optim.Adam``) from ``d rec / dW_hat``.
+
+    Returns the regularizer at the ``V`` it started from and the soft weight of the next step, so
+    one pass over the weight serves a whole step.
+    """
+    g, reg = soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma, gamma)
     b1, b2 = ADAM_BETAS
     m.mul_(b1).add_(g, alpha=1 - b1)
     s.mul_(b2).addcmul_(g, g, value=1 - b2)
     v.sub_(lr / bias1 * m / (s.sqrt() / bias2.sqrt() + ADAM_EPS))
-
-
-_KERNELS: dict = {}
-
-
-def kernel(fn: Callable) -> Callable:
-    """``fn`` compiled into one fused loop (``torch.compile``) on first use.
-
-    The elementwise chain of a rounding step is a dozen passes over the weight in eager mode,
-    as much time as the matmuls of a layer-wise loss; compiled it is one or two. Where compiling
-    is switched off (``WORKBENCH_COMPILE=0``) or fails (no C++ compiler), the eager ``fn`` runs:
-    the same numbers, only slower.
-    """
-    if os.environ.get("WORKBENCH_COMPILE", "1") == "0":
-        return fn
-    compiled = _KERNELS.get(fn)
-    if compiled is None:
-        compiled = _KERNELS[fn] = _with_fallback(fn, torch.compile(fn, dynamic=False))
-    return compiled
-
-
-def _with_fallback(fn: Callable, compiled: Callable) -> Callable:
-    def call(*args):
-        if _KERNELS.get(fn) is fn:
-            return fn(*args)
-        try:
-            return compiled(*args)
-        except Exception as exc:     # a missing compiler or an unsupported backend: stay correct
-            warnings.warn(f"torch.compile failed for {fn.__name__} ({type(exc).__name__}: {exc}); "
-                          "running it eagerly", RuntimeWarning, stacklevel=2)
-            _KERNELS[fn] = fn
-            return fn(*args)
-    return call
+    return torch.addcmul(C, A, (torch.sigmoid(v) * zeta_gamma + gamma).clamp(0, 1)), reg
 
 
 class _SoftWeight(torch.autograd.Function):
@@ -164,7 +138,7 @@ class _SoftWeight(torch.autograd.Function):
     def backward(ctx, grad_w, grad_reg):
         v, A = ctx.saved_tensors
         lam = grad_reg.to(v.dtype) if ctx.regularized else v.new_zeros(())
-        dv = kernel(soft_weight_grad)(v, grad_w, A, ctx.beta, lam, ctx.zeta_gamma, ctx.gamma)
+        dv, _ = kernel(soft_weight_grad)(v, grad_w, A, ctx.beta, lam, ctx.zeta_gamma, ctx.gamma)
         return dv, None, None, None, None, None
 
 
@@ -347,37 +321,39 @@ def _optimize_autograd(rounders, loss_fn, cfg: RoundingConfig, extra: list[dict]
 
 def _optimize_fixed_grids(rounders, loss_fn, cfg: RoundingConfig, callback) -> RoundingHistory:
     """The same optimization (Adam on V, same regularizer) with each step's elementwise work in
-    two compiled kernels per weight: soft weight and regularizer, then gradient and Adam update.
+    one compiled kernel per weight: gradient, Adam update, regularizer and the next soft weight.
 
     Autograd only carries ``d rec / dW_hat`` (the weight of the step is a leaf); everything after
     it is ``adam_rounding_step``.
     """
     hist = RoundingHistory()
     moments = [(torch.zeros_like(r.v), torch.zeros_like(r.v)) for r in rounders]
-    forward, update = kernel(soft_weight_and_regularizer), kernel(adam_rounding_step)
+    update = kernel(adam_rounding_step)
     const = lambda x: torch.tensor(x, dtype=torch.float32, device=rounders[0].v.device)  # noqa: E731
     lr = const(cfg.lr)
+    with torch.no_grad():
+        weights = [kernel(soft_weight_and_regularizer)(r.v, r.soft_slope, r.soft_const, const(2.0),
+                                                       r.zeta - r.gamma, r.gamma)[0] for r in rounders]
     for r in rounders:
         r.hard = False
     for step in range(cfg.iters):
         beta = beta_at(step, cfg)
         b, lam = const(2.0 if beta is None else beta), const(0.0 if beta is None else cfg.reg_weight)
-        regs = []
-        with torch.no_grad():
-            for r in rounders:
-                w, reg = forward(r.v, r.soft_slope, r.soft_const, b, r.zeta - r.gamma, r.gamma)
-                r.step_weight = w.requires_grad_(True)
-                regs.append(reg)
+        for r, w in zip(rounders, weights):
+            r.step_weight = w.requires_grad_(True)
         with torch.enable_grad():
             rec = loss_fn()
             rec.backward()
         t = step + 1
         bias1, bias2 = const(1 - ADAM_BETAS[0] ** t), const(1 - ADAM_BETAS[1] ** t)
+        regs = []
         with torch.no_grad():
-            for r, (m, s) in zip(rounders, moments):
+            for i, (r, (m, s)) in enumerate(zip(rounders, moments)):
                 grad = r.step_weight.grad
                 grad = torch.zeros_like(r.step_weight) if grad is None else grad
-                update(r.v, m, s, grad, r.soft_slope, b, lam, lr, bias1, bias2, r.zeta - r.gamma, r.gamma)
+                weights[i], reg = update(r.v, m, s, grad, r.soft_slope, r.soft_const, b, lam, lr, bias1, bias2,
+                                         r.zeta - r.gamma, r.gamma)
+                regs.append(reg)
         reg = sum(regs) if beta is not None else rec.new_zeros(())
         _record(hist, step, rec, reg, beta, callback)
     return hist
