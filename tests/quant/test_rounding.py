@@ -172,3 +172,17 @@ def test_fixed_grid_optimizer_follows_the_autograd_one(bits):
     torch.testing.assert_close(torch.tensor(hist_fast.reg), torch.tensor(hist_slow.reg), rtol=1e-4, atol=1e-4)
     assert hist_fast.reg[0] == 0 and hist_fast.reg[-1] > 0
     assert_on_grid(fast.result(), grid, w.shape)
+
+
+def test_a_cancelled_optimization_leaves_the_rounder_hard():
+    w, h = correlated_problem()
+    r = LearnedRounding(w, GridConfig(bits=3, group_size=8))
+
+    def cancel(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize_rounding([r], lambda: layer_loss(r(), w, h), RoundingConfig(iters=10), callback=cancel)
+    assert r.hard and r.step_weight is None
+    assert_on_grid(r.result(), GridConfig(bits=3, group_size=8), w.shape)

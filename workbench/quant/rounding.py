@@ -8,6 +8,10 @@ learned step size s only stretches the codes (Genie-M) instead of re-rounding th
 regularizer sum(1 - |2h - 1|^beta), with beta annealed from 20 to 2, pushes every h to 0 or 1;
 at the end h is rounded, so the weight lies exactly on the grid.
 
+With the step size fixed (aespa, BRECQ), a step's elementwise work is one compiled kernel per
+weight (``adam_rounding_step``: gradient, Adam, regularizer and the next soft weight), so a
+layer-wise step costs little more than its loss's matmul.
+
 The optimizer knows nothing about where the loss comes from: a layer-wise loss from
 precomputed moments (aespa), a block's output error on calibration data (Genie-M, BRECQ), or
 anything else that is differentiable in the soft weights.
@@ -284,12 +288,14 @@ def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[],
     """
     t0 = time.perf_counter()
     extra = [g for g in extra_params if g["params"]]
-    if not extra and all(r.fused for r in rounders):
-        hist = _optimize_fixed_grids(rounders, loss_fn, cfg, callback)
-    else:
-        hist = _optimize_autograd(rounders, loss_fn, cfg, extra, callback)
-    for r in rounders:
-        r.hard, r.reg_beta, r.last_reg, r.step_weight = True, None, None, None
+    try:
+        if not extra and all(r.fused for r in rounders):
+            hist = _optimize_fixed_grids(rounders, loss_fn, cfg, callback)
+        else:
+            hist = _optimize_autograd(rounders, loss_fn, cfg, extra, callback)
+    finally:     # also when a callback cancels: no rounder is left reading a step's soft weight
+        for r in rounders:
+            r.hard, r.reg_beta, r.last_reg, r.step_weight = True, None, None, None
     with torch.no_grad():
         hist.final_loss = float(loss_fn())
     hist.seconds = time.perf_counter() - t0
