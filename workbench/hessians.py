@@ -34,6 +34,7 @@ class InputCovariance:
         self.sum = torch.zeros(d, d, device=device)
         self.cross = torch.zeros(d, d, device=device) if with_cross else None
         self.n = 0
+        self._H: torch.Tensor | None = None    # H as last read; every layer of a stage reads it
 
     def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None):
         x2 = x.reshape(-1, x.shape[-1]).float()
@@ -42,10 +43,13 @@ class InputCovariance:
             dx = x_ref.reshape(-1, x.shape[-1]).float() - x2
             self.cross.addmm_(dx.T, x2)
         self.n += x2.shape[0]
+        self._H = None
 
     @property
     def H(self) -> torch.Tensor:
-        return symmetric_from_upper(self.sum).mul_(2.0 / max(self.n, 1))
+        if self._H is None:
+            self._H = symmetric_from_upper(self.sum).mul_(2.0 / max(self.n, 1))
+        return self._H
 
     @property
     def C(self) -> torch.Tensor | None:

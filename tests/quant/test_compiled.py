@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.quant import compiled
 
 
@@ -32,3 +33,9 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
 def test_compiling_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("WORKBENCH_COMPILE", "0")
     assert compiled.kernel(scaled_sum) is scaled_sum
+
+
+def test_a_nonsense_compile_switch_is_refused(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_COMPILE", "yes")
+    with pytest.raises(WorkbenchError, match="WORKBENCH_COMPILE must be 0 .* or 1"):
+        compiled.kernel(scaled_sum)

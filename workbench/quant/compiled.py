@@ -13,13 +13,18 @@ from typing import Callable
 
 import torch
 
+from ..errors import WorkbenchError
+
 _KERNELS: dict = {}
 
 
 def kernel(fn: Callable, dynamic: bool | None = False) -> Callable:
     """``fn`` compiled on first use. ``dynamic=False`` specializes on shapes (fastest loops, one
     compile per weight shape); ``True`` compiles once for all shapes (for calls on many shapes)."""
-    if os.environ.get("WORKBENCH_COMPILE", "1") == "0":
+    switch = os.environ.get("WORKBENCH_COMPILE", "1")
+    if switch not in ("0", "1"):
+        raise WorkbenchError(f"WORKBENCH_COMPILE must be 0 (eager) or 1 (compiled), got {switch!r}")
+    if switch == "0":
         return fn
     compiled = _KERNELS.get(fn)
     if compiled is None:

@@ -90,9 +90,13 @@ def soft_weight_and_regularizer(v, A, C, beta, zeta_gamma: float, gamma: float):
     With the step size fixed, the clamped codes are affine in ``h`` (``A``, ``C`` fold in the
     scale and the clamp to ``[0, maxq]``), so the soft weight is one multiply-add.
     """
-    h = (torch.sigmoid(v) * zeta_gamma + gamma).clamp(0, 1)
+    h = _soft_h(v, zeta_gamma, gamma)
     reg = (1 - _abs_pow(2 * h - 1, beta)).sum()
     return torch.addcmul(C, A, h), reg
+
+
+def _soft_h(v, zeta_gamma: float, gamma: float):
+    return (torch.sigmoid(v) * zeta_gamma + gamma).clamp(0, 1)
 
 
 def soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma: float, gamma: float):
@@ -121,7 +125,7 @@ def adam_rounding_step(v, m, s, grad_w, A, C, beta, reg_weight, lr, bias1, bias2
     m.mul_(b1).add_(g, alpha=1 - b1)
     s.mul_(b2).addcmul_(g, g, value=1 - b2)
     v.sub_(lr / bias1 * m / (s.sqrt() / bias2.sqrt() + ADAM_EPS))
-    return torch.addcmul(C, A, (torch.sigmoid(v) * zeta_gamma + gamma).clamp(0, 1)), reg
+    return torch.addcmul(C, A, _soft_h(v, zeta_gamma, gamma)), reg
 
 
 class _SoftWeight(torch.autograd.Function):
