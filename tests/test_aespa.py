@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import workbench
-from workbench.aespa import LearnedOptions, aespa_solve, moment_loss
+from workbench.aespa import LearnedOptions, MomentLoss, aespa_solve
 from workbench.attention_hessians import AttentionHessians
 from workbench.errors import WorkbenchError
 from workbench.models.base import AttentionGeometry, attention_probs
@@ -47,7 +47,7 @@ def test_value_moment_loss_equals_the_head_output_error():
     assert from_moment == pytest.approx(direct, rel=1e-4)
     # the same, through aespa's relative loss closure
     W = torch.randn_like(dW)
-    loss = moment_loss(W, H_v)
+    loss = MomentLoss(W, H_v)
     norm = float(((W.reshape(dW3.shape) @ H_v) * W.reshape(dW3.shape)).sum())
     assert float(loss(W + dW)) * norm * tokens / 2 == pytest.approx(direct, rel=1e-4)
 
@@ -73,7 +73,7 @@ def test_query_moment_loss_equals_the_logit_error_for_a_repeated_input():
     W = torch.randn_like(dW)
     W3 = W.reshape(geo.n_heads, geo.head_dim, -1)
     norm = float(((H_q @ W3 @ H_in) * W3).sum())
-    moment = float(moment_loss(W, H_in, H_q)(W + dW)) * norm
+    moment = float(MomentLoss(W, H_in, H_q)(W + dW)) * norm
     assert moment == pytest.approx(2 / L * direct, rel=1e-4)
 
 
@@ -156,7 +156,7 @@ def test_brecq_on_opt_swaps_top_level_linears_back(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("heads", [None, 3])
-def test_moment_loss_gradient_equals_autograd_of_the_kronecker_loss(heads):
+def test_moment_loss_closed_form_gradient_equals_autograd_of_the_kronecker_loss(heads):
     from workbench.quant.solver import kronecker_loss
     W, H_in = correlated(d_out=6, d_in=8, n=64, seed=3)
     H_out = None
@@ -164,10 +164,66 @@ def test_moment_loss_gradient_equals_autograd_of_the_kronecker_loss(heads):
         a = torch.randn(heads, 2, 2, generator=torch.Generator().manual_seed(4))
         H_out = a @ a.transpose(-1, -2) + torch.eye(2)
     W_hat = (W + 0.1 * torch.randn(W.shape, generator=torch.Generator().manual_seed(5))).requires_grad_()
-    moment_loss(W, H_in, H_out)(W_hat).backward()
-    fast = W_hat.grad.clone()
-    W_hat.grad = None
+    loss = MomentLoss(W, H_in, H_out)
+    value, grad = loss.value_and_grad(W_hat.detach() - W)
+    assert grad.shape == W_hat.shape
     W3 = W.reshape(heads or 1, -1, W.shape[1])
     norm = kronecker_loss(W3, H_in, H_out)
-    (kronecker_loss(W_hat.reshape(W3.shape) - W3, H_in, H_out) / norm).backward()
-    assert torch.allclose(fast, W_hat.grad, rtol=1e-4, atol=1e-6)
+    direct = kronecker_loss(W_hat.reshape(W3.shape) - W3, H_in, H_out) / norm
+    direct.backward()
+    assert float(value) == pytest.approx(float(direct.detach()), rel=1e-5)
+    assert torch.allclose(grad, W_hat.grad, rtol=1e-4, atol=1e-6)
+    W_hat.grad = None
+    loss(W_hat).backward()          # and the autograd form agrees
+    assert torch.allclose(grad, W_hat.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_moment_loss_updates_its_product_by_sparse_changes():
+    """Steps that change few weights update the remembered product by the change (sparse); every
+    step's value and gradient equal those of a fresh loss, and a dense change recomputes it."""
+    from workbench import aespa
+    W, H_in = correlated(d_out=40, d_in=24, n=128, seed=6)
+    g = torch.Generator().manual_seed(7)
+    loss = MomentLoss(W, H_in)
+    assert loss.incremental
+    dW = 0.1 * torch.randn(W.shape, generator=g)
+    modes = []
+    for step in range(aespa.SPARSE_UPDATES_BEFORE_REFRESH + 6):
+        if step == 3:
+            dW = dW + 0.01 * torch.randn(W.shape, generator=g)          # every weight moves
+        elif step > 0:
+            dW = dW.clone()
+            idx = torch.randint(0, W.numel(), (20,), generator=g)        # 2% of the weights move
+            dW.view(-1)[idx] += 0.05 * torch.randn(20, generator=g)
+        before = loss._sparse_updates
+        value, grad = loss.value_and_grad(dW)
+        modes.append("sparse" if loss._sparse_updates > before else "full")
+        fresh_value, fresh_grad = MomentLoss(W, H_in).value_and_grad(dW)
+        torch.testing.assert_close(grad, fresh_grad, rtol=1e-5, atol=1e-6)
+        assert float(value) == pytest.approx(float(fresh_value), rel=1e-5)
+    assert modes[:5] == ["full", "sparse", "sparse", "full", "sparse"]
+    assert modes.count("full") == 3        # the first, the dense change, the refresh
+    assert not MomentLoss(W, H_in.expand(4, 24, 24).contiguous()).incremental     # per-head factors
+
+
+@pytest.mark.parametrize("heads", [None, 3])
+def test_closed_form_steps_follow_the_autograd_ones(heads):
+    """aespa's steps (closed-form gradient, the kernel writing W_hat - W, sparse product updates)
+    walk the same path as autograd through the same loss."""
+    from workbench.quant.rounding import LearnedRounding, RoundingConfig, optimize_rounding
+    W, H_in = correlated(d_out=12, d_in=16, n=64, seed=8)
+    H_out = None
+    if heads:
+        a = torch.randn(heads, 4, 4, generator=torch.Generator().manual_seed(9))
+        H_out = a @ a.transpose(-1, -2) + torch.eye(4)
+    grid = GridConfig(bits=2, group_size=8)
+    cfg = RoundingConfig(iters=60, lr=0.05, warmup=0.2, reg_weight=0.05)
+    fast, slow = LearnedRounding(W, grid), LearnedRounding(W, grid)
+    loss_fast, loss_slow = MomentLoss(W, H_in, H_out), MomentLoss(W, H_in, H_out)
+    hist_fast = optimize_rounding([fast], lambda: loss_fast(fast()), cfg, closed_form=[loss_fast])
+    hist_slow = optimize_rounding([slow], lambda: loss_slow(slow()), cfg)
+    torch.testing.assert_close(fast.v, slow.v, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(hist_fast.loss), torch.tensor(hist_slow.loss), rtol=1e-4, atol=1e-6)
+    assert hist_fast.final_loss == pytest.approx(hist_slow.final_loss, rel=1e-5)
+    if heads is None:
+        assert loss_fast._last is not None

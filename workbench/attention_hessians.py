@@ -53,11 +53,13 @@ def rope_sandwich(G: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Ten
     return T["cc"] + cs_j + cs_j.transpose(-1, -2) + rotate_half_left_t(rotate_half_right(T["ss"]))
 
 
-def causal_apply(A: torch.Tensor, x: torch.Tensor, chunks: int = 16) -> torch.Tensor:
+def causal_apply(A: torch.Tensor, x: torch.Tensor, chunks: int = 8, out: torch.Tensor | None = None) -> torch.Tensor:
     """``A @ x`` for causal ``A [b, h, L, L]`` and ``x [b, L, d]`` (shared by the heads).
 
     A chunk of query rows only reads the keys up to its last row, which skips about half of the
-    multiply-adds; heads are stacked as rows so ``x`` is never copied per head.
+    multiply-adds; heads are stacked as rows so ``x`` is never copied per head. 8 chunks: on 2
+    cores, for L = 512, 9 heads, d = 576, 50 ms against 65 for 16 and 70 for the full product.
+    ``out`` (``[b, h, L, d]``), when given, is reused.
     """
     b, h, L, _ = A.shape
     step = max(1, -(-L // chunks))
@@ -66,7 +68,7 @@ def causal_apply(A: torch.Tensor, x: torch.Tensor, chunks: int = 16) -> torch.Te
         i1 = min(L, i0 + step)
         part = A[:, :, i0:i1, :i1].reshape(b, h * (i1 - i0), i1) @ x[:, :i1]
         parts.append(part.reshape(b, h, i1 - i0, -1))
-    return torch.cat(parts, dim=2)
+    return torch.cat(parts, dim=2, out=out)
 
 
 def add_position_moments(G: torch.Tensor, t: torch.Tensor):
@@ -91,6 +93,14 @@ class AttentionHessians:
         self.H_value = torch.zeros(g.n_kv_heads, d_in, d_in, device=device)
         self.samples = 0
         self.tokens = 0
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A work buffer kept from batch to batch (a fresh large tensor per batch costs page faults)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def add(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scaling: float):
         """``x [b, L, d_in]``; post-rotary ``q [b, n_heads, L, d]``, ``k [b, n_kv, L, d]``."""
@@ -98,10 +108,10 @@ class AttentionHessians:
         b, L = x.shape[:2]
         add_position_moments(self.G_keys, k.unsqueeze(2))
         add_position_moments(self.G_queries, q.reshape(b, g.n_kv_heads, g.group, L, g.head_dim))
-        A = attention_probs(q, k, scaling)                          # [b, n_heads, L, L]
-        Y = causal_apply(A, x)                                      # [b, n_heads, L, d_in]
-        Y = Y.reshape(b, g.n_kv_heads, g.group * L, -1).transpose(0, 1).reshape(g.n_kv_heads, -1, x.shape[-1])
-        add_gram(self.H_value, Y)
+        A = attention_probs(q, k, scaling, out=self._buffer("probs", (b, g.n_heads, L, L), q))
+        Y = causal_apply(A, x, out=self._buffer("head_inputs", (b, g.n_heads, L, x.shape[-1]), x))
+        for y in Y.view(b, g.n_kv_heads, g.group * L, -1):   # the rows of a KV head's queries, per sample
+            add_gram(self.H_value, y)
         self.samples += b
         self.tokens += b * L
 
@@ -111,6 +121,7 @@ class AttentionHessians:
         ``cos``/``sin`` ``[L, d]`` are RoPE's tables (``None``: no rotation, as in OPT).
         """
         g = self.geometry
+        self._buffers.clear()
         L, d = self.G_keys.shape[1], g.head_dim
         if cos is None:
             cos = torch.ones(L, d, device=self.G_keys.device)

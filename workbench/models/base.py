@@ -77,14 +77,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) ->
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal softmax probabilities ``[b, n_heads, L, L]`` (explicit, for statistics)."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal softmax probabilities ``[b, n_heads, L, L]`` (explicit, for statistics).
+
+    All in place on one ``[b, h, L, L]`` buffer (``out``, when given, is reused): these are the
+    largest tensors of the statistics, and a fresh one costs more in page faults than its softmax.
+    """
     group = q.shape[1] // k.shape[1]
-    # in place on the one [b, h, L, L] buffer: these are the largest tensors of the statistics
-    logits = torch.matmul(q, repeat_kv(k, group).transpose(-1, -2)).mul_(scaling)
+    logits = torch.matmul(q, repeat_kv(k, group).transpose(-1, -2), out=out).mul_(scaling)
     L = q.shape[2]
     mask = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(logits.masked_fill_(mask, float("-inf")), dim=-1)
+    return torch.softmax(logits.masked_fill_(mask, float("-inf")), dim=-1, out=logits)
 
 
 def split_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
