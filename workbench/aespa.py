@@ -72,8 +72,8 @@ def as_heads(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) ->
     return W.reshape(heads, W.shape[0] // heads, W.shape[1])
 
 
-# Once the regularizer is on, most h sit at 0 or 1 and stop moving (on SmolLM2-135M at W3 g64,
-# down_proj: 20% of its weights still move 10 steps after warmup, 4% after 50), so the product
+# Once the regularizer is on, most h sit at 0 or 1 and stop moving (SmolLM2-135M at W3 g64, block
+# 0's down_proj: 20% of its weights still move 10 steps after warmup, 4% after 50), so the product
 # is updated by the sparse change instead of recomputed. Below this fraction of changed weights
 # the update is the cheaper one (2 cores: 576 x 1536 weight at 5% changed, 6 against 15 ms).
 SPARSE_UPDATE_DENSITY = 0.08
@@ -97,7 +97,8 @@ class MomentLoss:
         norm = norm if norm > 0 else 1.0
         self.H_in = H_in * (2.0 / norm)     # then the product is the gradient: d/dW tr(.) / norm
         self.H_out = H_out
-        self.incremental = H_out is None and H_in.dim() == 2 and self.W3.shape[0] == 1
+        # sparse updates: one plain factor, on a device with sparse matmuls
+        self.incremental = H_out is None and H_in.dim() == 2 and H_in.device.type in ("cpu", "cuda")
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None    # (dW, its product)
         self._sparse_updates = 0
 

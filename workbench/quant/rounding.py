@@ -100,8 +100,8 @@ def _soft_h(v, zeta_gamma: float, gamma: float):
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
-    """A float32 sum accumulated in float64: as exact as a cascaded float32 sum and, compiled for
-    the CPU, about a third of a fixed-grid step cheaper (0.9 of 2.9 ms for 1536 x 576)."""
+    """A float32 sum over a whole weight accumulated in float64, so the recorded regularizer does
+    not depend on how a compiled loop splits the sum (at no measurable cost in the kernels)."""
     return t.sum(dtype=torch.float64).to(t.dtype)
 
 
