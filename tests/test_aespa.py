@@ -207,7 +207,7 @@ def test_moment_loss_updates_its_product_by_sparse_changes():
 
 
 @pytest.mark.parametrize("heads", [None, 3])
-def test_closed_form_steps_follow_the_autograd_ones(heads):
+def test_closed_form_steps_follow_the_autograd_ones(heads, monkeypatch):
     """aespa's steps (closed-form gradient, the kernel writing W_hat - W, sparse product updates)
     walk the same path as autograd through the same loss."""
     from workbench.quant.rounding import LearnedRounding, RoundingConfig, optimize_rounding
@@ -217,13 +217,17 @@ def test_closed_form_steps_follow_the_autograd_ones(heads):
         a = torch.randn(heads, 4, 4, generator=torch.Generator().manual_seed(9))
         H_out = a @ a.transpose(-1, -2) + torch.eye(4)
     grid = GridConfig(bits=2, group_size=8)
-    cfg = RoundingConfig(iters=60, lr=0.05, warmup=0.2, reg_weight=0.05)
+    cfg = RoundingConfig(iters=200, lr=0.05, warmup=0.2, reg_weight=0.05)   # long enough to settle
     fast, slow = LearnedRounding(W, grid), LearnedRounding(W, grid)
     loss_fast, loss_slow = MomentLoss(W, H_in, H_out), MomentLoss(W, H_in, H_out)
+    from workbench import aespa
+    sparse_updates = []
+    as_csr = aespa._as_csr
+    monkeypatch.setattr(aespa, "_as_csr", lambda m: sparse_updates.append(1) or as_csr(m))
     hist_fast = optimize_rounding([fast], lambda: loss_fast(fast()), cfg, closed_form=[loss_fast])
     hist_slow = optimize_rounding([slow], lambda: loss_slow(slow()), cfg)
     torch.testing.assert_close(fast.v, slow.v, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(hist_fast.loss), torch.tensor(hist_slow.loss), rtol=1e-4, atol=1e-6)
     assert hist_fast.final_loss == pytest.approx(hist_slow.final_loss, rel=1e-5)
-    if heads is None:
-        assert loss_fast._last is not None
+    # once the regularizer settles the roundings, the plain loss takes sparse updates; per-head never
+    assert (len(sparse_updates) > 0) if heads is None else not sparse_updates

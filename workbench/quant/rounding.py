@@ -411,7 +411,7 @@ def _optimize_fixed_grids(rounders, loss_fn, cfg: RoundingConfig, callback,
                   for r, t in zip(rounders, closed_form)]
     update, warmup = kernel(adam_rounding_step), kernel(adam_warmup_step)
     const = lambda x: torch.tensor(x, dtype=torch.float32, device=rounders[0].v.device)  # noqa: E731
-    lr = const(cfg.lr)
+    lr, lam = const(cfg.lr), const(cfg.reg_weight)
     with torch.no_grad():
         weights = [kernel(soft_weight_and_regularizer)(r.v, r.soft_slope, c, const(2.0), r.zeta - r.gamma, r.gamma)[0]
                    for r, c in zip(rounders, consts)]
@@ -422,7 +422,7 @@ def _optimize_fixed_grids(rounders, loss_fn, cfg: RoundingConfig, callback,
         rec, grads = gradient(weights)
         t = step + 1
         bias1, bias2 = const(1 - ADAM_BETAS[0] ** t), const(1 - ADAM_BETAS[1] ** t)
-        b, lam = const(2.0 if beta is None else beta), const(cfg.reg_weight)
+        b = None if beta is None else const(beta)
         regs = []
         with torch.no_grad():
             for i, (r, (m, s), g, c) in enumerate(zip(rounders, moments, grads, consts)):
