@@ -11,12 +11,11 @@ the other, so times compare like with like.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
-import workbench
-from workbench.api import QuantizeConfig
+from rows import measured_row, save_rows
+
+from workbench.config import QuantizeConfig
 
 SETTINGS = {"w3g64": (3, 64), "w2g64": (2, 64), "w4g64": (4, 64), "w3pc": (3, -1)}
 LEARNED = ("aespa", "brecq")
@@ -53,19 +52,13 @@ def main(argv=None) -> int:
                                  calib_samples=args.calib_samples, seqlen=args.seqlen, batch_size=args.batch_size,
                                  eval_windows=args.eval_windows, max_blocks=args.max_blocks, device=args.device,
                                  **learned)
-            t0 = time.perf_counter()
-            rep = workbench.quantize(cfg).report
+            row, rep = measured_row(cfg)
             ppl_fp = rep.ppl_fp
             rel = sum(r.rel_error for r in rep.layers) / max(len(rep.layers), 1)
-            row = dict(method=method, bits=bits, group=group, ppl=rep.ppl_quant, quant_seconds=rep.quant_seconds,
-                       solve_seconds=rep.timings["solve"], mean_rel_error=rel, timings=rep.timings,
-                       wall_seconds=time.perf_counter() - t0)
-            rows.append(row)
+            rows.append({**row, "solve_seconds": rep.timings["solve"], "mean_rel_error": rel})
             print(f"{method:<9} {bits:>4} {group:>5} {rep.ppl_quant:>9.3f} {rep.quant_seconds:>8.1f} "
                   f"{rep.timings['solve']:>8.1f} {rel:>12.4f}", flush=True)
-            if args.json:   # after every row, so a long run that is stopped keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
+            save_rows(args.json, ppl_fp, rows, args)
     print(f"fp ppl {ppl_fp:.3f}")
     return 0
 

@@ -8,12 +8,11 @@ Every run is measured in this one process, one after the other, so ratios compar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
-import workbench
-from workbench.api import QuantizeConfig
+from rows import measured_row, save_rows
+
+from workbench.config import QuantizeConfig
 
 SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3pc": (3, -1), "w4pc": (4, -1),
             "w4g32": (4, 32), "w2pc": (2, -1)}
@@ -43,21 +42,15 @@ def main(argv=None) -> int:
             cfg = QuantizeConfig(model=args.model, method=method, bits=bits, group_size=group,
                                  calib_samples=args.calib_samples, seqlen=args.seqlen,
                                  eval_windows=args.eval_windows, max_blocks=args.max_blocks, device=args.device)
-            t0 = time.perf_counter()
-            rep = workbench.quantize(cfg).report
+            row, rep = measured_row(cfg)
             ppl_fp = rep.ppl_fp
             if method == "gptq":
                 gptq_time = rep.quant_seconds
             ratio = f"{rep.quant_seconds / gptq_time:.2f}" if gptq_time else "-"
-            row = dict(method=method, bits=bits, group=group, ppl=rep.ppl_quant, quant_seconds=rep.quant_seconds,
-                       qkv_solve_seconds=rep.timings["solve_qkv"], timings=rep.timings,
-                       wall_seconds=time.perf_counter() - t0)
-            rows.append(row)
+            rows.append({**row, "qkv_solve_seconds": rep.timings["solve_qkv"]})
             print(f"{method:<9} {bits:>4} {group:>5} {rep.ppl_quant:>9.3f} {rep.quant_seconds:>8.1f} "
                   f"{rep.timings['solve_qkv']:>11.2f} {ratio:>11}", flush=True)
-            if args.json:   # after every row, so a long run that is stopped keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"ppl_fp": ppl_fp, "rows": rows, "args": vars(args)}, f, indent=2)
+            save_rows(args.json, ppl_fp, rows, args)
     print(f"fp ppl {ppl_fp:.3f}")
     return 0
 

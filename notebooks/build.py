@@ -218,15 +218,14 @@ When a quantized model loses more than expected the question is *where*. The wor
         md("""
 ## 1. Find the worst layer
 
-`quantize_and_measure` quantizes a copy and measures each layer against the full-precision
+`workspace.run` quantizes a copy and measures each layer against the full-precision
 model on held-out windows: `heldout_rel_error` is the layer's own error on text the solver never
 saw, `heldout_propagated` includes everything inherited from earlier layers.
 """),
         code("""
-from workbench import QuantizeConfig
-from workbench.widgets import quantize_and_measure
+from workbench import QuantizeConfig, workspace
 
-run = quantize_and_measure(QuantizeConfig(method="gptq", bits=3, group_size=64, **S))
+run = workspace.run(QuantizeConfig(method="gptq", bits=3, group_size=64, **S))
 layers = run.layers
 worst = layers.loc[layers["heldout_rel_error"].idxmax()]
 layers.sort_values("heldout_rel_error", ascending=False)[

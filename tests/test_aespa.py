@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import workbench
-from workbench.aespa import LearnedOptions, MomentLoss, aespa_solve
+from workbench.methods.aespa import MomentLoss, aespa_solve
+from workbench.methods.learned import LearnedOptions
 from workbench.attention_hessians import AttentionHessians
 from workbench.errors import WorkbenchError
 from workbench.models.base import AttentionGeometry, attention_probs
@@ -114,8 +115,10 @@ def test_options_are_checked():
         LearnedOptions(init="nearest")
     with pytest.raises(WorkbenchError, match="iterations"):
         LearnedOptions(iters=0)
-    with pytest.raises(WorkbenchError, match="learned-rounding"):
+    with pytest.raises(WorkbenchError, match="--iters applies to aespa, brecq, not gptq"):
         workbench.quantize(method="gptq", iters=10)
+    with pytest.raises(WorkbenchError, match="--init applies to aespa, not brecq"):
+        workbench.quantize(method="brecq", init="gptq")
 
 
 @pytest.mark.parametrize("method,init", [("aespa", "rtn"), ("aespa", "boa"), ("brecq", None)])
@@ -181,7 +184,7 @@ def test_moment_loss_closed_form_gradient_equals_autograd_of_the_kronecker_loss(
 def test_moment_loss_updates_its_product_by_sparse_changes():
     """Steps that change few weights update the remembered product by the change (sparse); every
     step's value and gradient equal those of a fresh loss, and a dense change recomputes it."""
-    from workbench import aespa
+    from workbench.methods import aespa
     W, H_in = correlated(d_out=40, d_in=24, n=128, seed=6)
     g = torch.Generator().manual_seed(7)
     loss = MomentLoss(W, H_in)
@@ -220,7 +223,7 @@ def test_closed_form_steps_follow_the_autograd_ones(heads, monkeypatch):
     cfg = RoundingConfig(iters=200, lr=0.05, warmup=0.2, reg_weight=0.05)   # long enough to settle
     fast, slow = LearnedRounding(W, grid), LearnedRounding(W, grid)
     loss_fast, loss_slow = MomentLoss(W, H_in, H_out), MomentLoss(W, H_in, H_out)
-    from workbench import aespa
+    from workbench.methods import aespa
     sparse_updates = []
     as_csr = aespa._as_csr
     monkeypatch.setattr(aespa, "_as_csr", lambda m: sparse_updates.append(1) or as_csr(m))

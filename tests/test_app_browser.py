@@ -14,58 +14,18 @@ from pathlib import Path
 import pytest
 
 from workbench.errors import Cancelled, WorkbenchError
-from workbench.ui import AppDefaults, build_app
-from workbench.ui.jobs import Job
-from workbench.ui.models import ModelCache
+from workbench.jobs import Job
+from workbench.ui import build_app
 from workbench.ui.session import FILES_ROOT, Session
-from workbench.ui.settings import make_settings
-from workbench.ui.work import quantize_one
+from workbench.workspace import ModelCache
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-TINY = AppDefaults(calib_samples=4, seqlen=64, eval_windows=2, bits=3, group_size=16, max_blocks=0, method="gptq",
-                   device="cpu", batch_size=2)
-FORM = dict(model="m", calib="wikitext2", calib_samples=4, seqlen=64, eval_windows=2, bits=3, group_size=16,
-            max_blocks=0, device="cpu", rows_per_step=8, dx_alpha=0.5, refine_iters=2)
+TINY = dict(calib_samples=4, seqlen=64, eval_windows=2, bits=3, group_size=16, max_blocks=None, device="cpu",
+            batch_size=2)
 
 
 # -- without a browser ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("field,value,message", [
-    ("calib_samples", 0, "Calibration samples must be at least 1"),
-    ("bits", 9, "Bits must be at most 8"),
-    ("group_size", 0, "Group size"),
-    ("seqlen", 2.5, "Sequence length must be a whole number"),
-    ("model", "  ", "Model is empty"),
-    ("dx_alpha", 2, "dx alpha"),
-    ("device", "tpu", "Device .tpu. is not a device"),
-])
-def test_invalid_settings_are_refused_with_a_message(field, value, message):
-    with pytest.raises(WorkbenchError, match=message):
-        make_settings(**{**FORM, field: value})
-
-
-def test_settings_route_turboboa_options_only_to_turboboa():
-    s = make_settings(**{**FORM, "max_blocks": 0, "dx_alpha": 0.25})
-    assert s.max_blocks is None and s.heldout_windows == 2
-    assert s.config("turboboa").dx_alpha == 0.25 and s.config("gptq").dx_alpha is None
-    # the cache key: equal forms give equal, hashable settings
-    assert make_settings(**FORM) == make_settings(**FORM) and hash(make_settings(**FORM)) == hash(make_settings(**FORM))
-
-
-def test_settings_route_learned_rounding_options_to_their_methods():
-    s = make_settings(**{**FORM, "iters": 7, "lr": 0.05, "init": "BoA"})
-    aespa, brecq, gptq = s.config("aespa"), s.config("brecq"), s.config("gptq")
-    assert (aespa.iters, aespa.lr, aespa.init) == (7, 0.05, "boa")
-    assert (brecq.iters, brecq.lr, brecq.init) == (7, 0.05, None)     # BRECQ starts from round to nearest
-    assert (gptq.iters, gptq.lr, gptq.init) == (None, None, None)
-    with pytest.raises(WorkbenchError, match="Rounding steps must be at least 1"):
-        make_settings(**{**FORM, "iters": 0})
-    with pytest.raises(WorkbenchError, match="Start from must be one of rtn, gptq, boa"):
-        make_settings(**{**FORM, "init": "awq"})
-    with pytest.raises(WorkbenchError, match="Learning rate must be between"):
-        make_settings(**{**FORM, "lr": 0})
-
 
 def test_sessions_are_separate_and_survive_gradio_copies():
     import copy
@@ -101,27 +61,28 @@ def test_job_streams_messages_and_stops_on_cancel():
     assert last.kind == "error" and isinstance(last.payload, ZeroDivisionError)
 
 
-def test_cancelled_run_leaves_the_shared_model_alone(tiny_checkpoints):
-    import torch
-    models = ModelCache()
-    shared = models.get(tiny_checkpoints["llama"])
-    before = {k: v.clone() for k, v in shared.loaded.model.state_dict().items()}
-    cancel = threading.Event()
-    settings = make_settings(**{**FORM, "model": tiny_checkpoints["llama"]})
-
-    def post(kind, payload=None):
-        if kind == "event" and payload[1].kind == "layer_finished":
-            cancel.set()
-    with pytest.raises(Cancelled):
-        quantize_one(shared, settings, "gptq", post, cancel)
-    assert all(torch.equal(before[k], v) for k, v in shared.loaded.model.state_dict().items())
-    assert models.get(tiny_checkpoints["llama"]) is shared          # loaded once, shared
+def test_job_calls_a_consumer_on_its_thread():
+    seen = []
+    job = Job(lambda post, cancel: post("step", 1) or 42, on_message=seen.append).start()
+    job.join(5)
+    assert [(m.kind, m.payload) for m in seen] == [("step", 1), ("result", 42)]
+    assert job.state == "done" and job.result == 42 and job.seconds >= 0
 
 
-def test_extra_tabs_hook():
-    built = []
-    demo = build_app(default_model="unused", defaults=TINY, extra_tabs=[("Extra", lambda: built.append(1))])
-    assert built == [1] and any(getattr(b, "label", None) == "Extra" for b in demo.blocks.values())
+def test_the_form_is_derived_from_the_declarations():
+    import gradio as gr
+
+    from workbench.config import SETTINGS
+    from workbench.ui.form import build_form
+    with gr.Blocks():
+        form = build_form(TINY)
+    assert sorted(form.fields) == sorted(n for n, s in SETTINGS.items() if "app" in s.faces)
+    assert form.fields["calib_samples"].value == 4 and form.fields["max_blocks"].value == 0   # 0: all blocks
+    assert form.fields["rows_per_step"].value == ""                                     # the method's default
+    shown = {n for n, (_, methods) in form.method_fields().items() if "turboboa" in methods}
+    assert {"rows_per_step", "dx_alpha", "refine_iters"} <= shown and "iters" not in shown
+    assert [u["visible"] for u in form.visibility("brecq")] == [
+        "brecq" in methods for _, methods in form.method_fields().values()]
 
 
 # -- in a browser ---------------------------------------------------------------------------
@@ -147,7 +108,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tiny_checkpoints):
     _need_browser()
-    demo = build_app(default_model=tiny_checkpoints["llama"], defaults=TINY, extra_tabs=[], models=ModelCache())
+    demo = build_app(default_model=tiny_checkpoints["llama"], start=TINY, models=ModelCache())
     port = _free_port()
     FILES_ROOT.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -175,9 +136,9 @@ def _shot(page, name):
 
 
 def _set(page, elem_id, value):
-    box = page.locator(f"#{elem_id} input").first
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
     box.fill(str(value))
-    box.press("Enter" if elem_id in ("wb-group", "wb-model", "wb-calib") else "Tab")
+    box.press("Enter" if elem_id in ("wb-group-size", "wb-model", "wb-calib", "wb-device") else "Tab")
 
 
 @pytest.mark.browser
@@ -188,11 +149,11 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser):
     page.wait_for_selector("#wb-run")
 
     # a bad setting is refused in the page, before any work
-    _set(page, "wb-samples", 0)
+    _set(page, "wb-calib-samples", 0)
     page.locator("#wb-run").click()
     page.wait_for_selector("#wb-q-status .wb-error")
     assert "Calibration samples must be at least 1" in page.locator("#wb-q-status").inner_text()
-    _set(page, "wb-samples", TINY.calib_samples)
+    _set(page, "wb-calib-samples", TINY["calib_samples"])
 
     # Quantize with BoA: progress, perplexity, a drawn curve, the table and the downloads
     page.locator("#wb-method").get_by_text("BoA", exact=True).click()
@@ -217,12 +178,12 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser):
     other.context.close()
 
     # a failing run shows its error as a message, not a trace
-    _set(page, "wb-group", 48)
+    _set(page, "wb-group-size", 48)
     page.locator("#wb-run").click()
     page.wait_for_selector("#wb-q-status .wb-error")
     status = page.locator("#wb-q-status").inner_text()
     assert "does not divide" in status and "Traceback" not in page.content()
-    _set(page, "wb-group", TINY.group_size)
+    _set(page, "wb-group-size", TINY["group_size"])
 
     # Compare: four curves, four heatmaps, a table; BoA comes from the cache of the Quantize run
     page.get_by_role("tab", name="Compare").click()

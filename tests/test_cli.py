@@ -23,10 +23,14 @@ def assert_clean_failure(code, err, report, needle):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--bits", "9"], "bits must be an integer from 2 to 8"),
-    (["--bits", "1"], "bits must be an integer from 2 to 8"),
+    (["--bits", "9"], "--bits must be at most 8, got 9"),
+    (["--bits", "1"], "--bits must be at least 2, got 1"),
+    (["--bits", "four"], "--bits must be a whole number, got 'four'"),
+    (["--method", "awq"], "--method must be one of rtn, gptq, boa, turboboa, aespa, brecq, got 'awq'"),
+    (["--iters", "5"], "--iters applies to aespa, brecq, not gptq"),
+    (["--lr", "nan", "--method", "aespa"], "--lr must be a finite number, got nan"),
     (["--group-size", "24"], "group size 24 does not divide the input width 64"),
-    (["--group-size", "0"], "group size must be a positive integer or -1"),
+    (["--group-size", "0"], "--group-size must be -1 (one grid per output channel) or a positive width, got 0"),
     (["--eval-windows", "100000"], "fewer than the 100000 requested"),
     (["--calib-samples", "0"], "--calib-samples must be at least 1"),
 ])

@@ -236,10 +236,10 @@ def test_unpackable_bits_are_named(run, tmp_path, monkeypatch):
 
 
 def _with_bits(result, bits):
-    import copy
-    report = copy.copy(result.report)
-    report.config = {**result.report.config, "bits": bits}
-    return workbench.QuantizeResult(result.model, result.tokenizer, report, result.packed)
+    """The same run as if its layers' grids said ``bits`` (export reads the grid from the layers)."""
+    import dataclasses
+    packed = {k: dataclasses.replace(q, grid=dataclasses.replace(q.grid, bits=bits)) for k, q in result.packed.items()}
+    return workbench.QuantizeResult(result.model, result.tokenizer, result.report, packed)
 
 
 def test_model_changed_after_quantize_is_refused(run, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -18,40 +18,67 @@ from torch import nn
 from .attention_hessians import AttentionHessians
 from .errors import Cancelled
 from .hessians import InputCovariance, relative_error
-from .methods import MethodSpec
 from .models import Family, Stage
 from .models.base import attend
-from .quant.grid import GridConfig, expand_groups, group_params, quantize_codes, rtn
-from .quant.solver import SolveResult, SolverConfig, kronecker_loss, solve
+from .quant.grid import GridConfig
+from .quant.solver import SolveResult, SolverConfig
+from .quant.weight import QuantizedWeight
 from .report import LayerRecord
 
 
 @dataclass
 class Event:
-    kind: str                   # "start", "layer_started", "layer_finished", "block_finished", "done"
-    index: int = 0              # layers finished so far
-    total: int = 0              # layers in the run
+    kind: str                   # "phase", "start", "layer_started", "layer_finished", "block_finished", "done"
+    index: int = 0              # layers (or blocks, for walks) finished so far
+    total: int = 0              # layers (or blocks) in the run
     block: int | None = None
     layer: str | None = None
     layer_kind: str | None = None
     loss: float | None = None
     rel_error: float | None = None
     seconds: float | None = None
-
-
-@dataclass
-class PackedLayer:
-    """Integer codes and grid of one quantized linear, for export."""
-    codes: torch.Tensor     # [d_out, d_in] uint8
-    scale: torch.Tensor     # [d_out, n_groups]
-    zero: torch.Tensor      # [d_out, n_groups]
+    message: str | None = None  # "phase": what the run is doing now
 
 
 @dataclass
 class EngineResult:
     layers: list[LayerRecord] = field(default_factory=list)
-    packed: dict[str, PackedLayer] = field(default_factory=dict)
+    packed: dict[str, QuantizedWeight] = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerProblem:
+    """What a method's layer strategy is given: one weight, the statistics of its stage, the settings."""
+    W: torch.Tensor
+    H: torch.Tensor                 # the stage's input covariance E[x x^T]
+    stats: dict                     # attention-aware factors ``H_in``/``H_out`` of q/k/v, when asked for
+    cross: torch.Tensor | None      # E[dX X~^T] against the full-precision stream, when it runs
+    kind: str
+    grid: GridConfig
+    solver: SolverConfig
+    options: dict
+    check_cancel: Callable[[], None]
+
+
+@dataclass
+class BlockJob:
+    """What a method's block strategy is given: block ``b`` on the device and its input streams."""
+    index: int
+    block: nn.Module
+    fp_block: nn.Module | None      # a full-precision copy, when the method runs the fp stream
+    hidden: list[torch.Tensor]      # per micro-batch, on the CPU
+    hidden_fp: list[torch.Tensor] | None
+    ctx: object                     # the family's per-sequence context (RoPE tables), on the device
+
+
+class Method(Protocol):
+    """What the engine reads of a method (``workbench.methods.MethodSpec`` is one)."""
+    name: str
+    attention_aware: bool           # q/k/v get attention-aware Kronecker factors
+    fp_stream: bool                 # the full-precision model runs beside the quantized one
+    layer: Callable[[LayerProblem], SolveResult] | None        # quantizes one layer of a stage
+    block: Callable[["BlockQuantizer", BlockJob], tuple] | None  # replaces the stage-wise walk of a block
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,18 +125,24 @@ def block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, batch_size
     return out
 
 
-def _ctx_to(ctx, device):
+def to_device(ctx, device):
+    """A tensor, or nested tuples of them (the family's context), on ``device``."""
     if ctx is None:
         return None
     if isinstance(ctx, torch.Tensor):
         return ctx.to(device)
-    return type(ctx)(_ctx_to(c, device) for c in ctx)
+    return type(ctx)(to_device(c, device) for c in ctx)
 
 
 class BlockQuantizer:
-    """Runs a method over the blocks of a model; emits events; can be cancelled between layers."""
+    """Runs a method over the blocks of a model; emits events; can be cancelled between layers.
 
-    def __init__(self, model: nn.Module, family: Family, method: MethodSpec, grid: GridConfig,
+    The walk is the same for every method: a block's stages in order, each stage's statistics
+    (the ones the method asks for), then the method's ``layer`` strategy on each of its linears.
+    A method with a ``block`` strategy takes the whole block instead (block-wise reconstruction).
+    """
+
+    def __init__(self, model: nn.Module, family: Family, method: Method, grid: GridConfig,
                  solver: SolverConfig, device: torch.device, batch_size: int = 4,
                  max_blocks: int | None = None, on_event: Callable[[Event], None] | None = None,
                  cancel=None, options: dict | None = None):
@@ -120,8 +153,9 @@ class BlockQuantizer:
         self.result = EngineResult(timings={"forward": 0.0, "statistics": 0.0, "solve": 0.0, "solve_qkv": 0.0,
                                             "measure": 0.0})
         self.done = 0
+        self.total = 0
 
-    # -- events ---------------------------------------------------------------------------
+    # -- events, cancel, clocks: what block strategies use too ------------------------------------
     def emit(self, **kw):
         if self.on_event is not None:
             self.on_event(Event(index=self.done, total=self.total, **kw))
@@ -130,12 +164,36 @@ class BlockQuantizer:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("run cancelled")
 
-    def _tick(self, key: str, t0: float) -> float:
+    def tick(self, key: str, t0: float) -> float:
+        """Add the time since ``t0`` to phase ``key``; returns now."""
         t = time.perf_counter()
         self.result.timings[key] += t - t0
         return t
 
-    # -- the loop ---------------------------------------------------------------------------
+    def layer_name(self, b: int, kind: str) -> str:
+        return f"{self.family.blocks_path}.{b}.{self.family.linears[kind]}"
+
+    def record(self, block: nn.Module, b: int, kind: str, quantized: QuantizedWeight, W: torch.Tensor, H: torch.Tensor, loss: float,
+               seconds: float, extra: dict | None = None) -> LayerRecord:
+        """Put ``quantized`` into ``block`` in place of ``W`` (its ``kind`` linear) and record the layer."""
+        layer = self.family.linear(block, kind)
+        name = self.layer_name(b, kind)
+        W32 = W.float()
+        Q = quantized.dequantize()
+        rel = relative_error(Q - W32, W32, H)
+        layer.weight.data = Q.to(layer.weight.dtype)
+        self.result.packed[name] = quantized.cpu()
+        rec = LayerRecord(name=name, block=b, kind=kind, loss=loss, rel_error=rel, seconds=seconds,
+                          extra=dict(extra or {}))
+        self.result.layers.append(rec)
+        self.done += 1
+        return rec
+
+    def emit_finished(self, record: LayerRecord):
+        self.emit(kind="layer_finished", block=record.block, layer=record.name, layer_kind=record.kind,
+                  loss=record.loss, rel_error=record.rel_error, seconds=record.seconds)
+
+    # -- the walk -----------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> EngineResult:
         blocks = self.family.blocks(self.model)
@@ -144,37 +202,36 @@ class BlockQuantizer:
         self.emit(kind="start")
         t0 = time.perf_counter()
         hidden = [h.cpu() for h in block_inputs(self.model, self.family, ids, self.batch_size)]
-        ctx = _ctx_to(self.family.context(self.model, hidden[0]), self.device)
+        ctx = to_device(self.family.context(self.model, hidden[0]), self.device)
         hidden_fp = [h.clone() for h in hidden] if self.method.fp_stream else None
-        t0 = self._tick("forward", t0)
+        t0 = self.tick("forward", t0)
+        strategy = self.method.block or BlockQuantizer.quantize_stages
         for b in range(n_blocks):
             block = blocks[b].to(self.device)
-            fp_block = self._frozen_copy(block) if hidden_fp is not None else None
-            hidden, hidden_fp = self._run_block(b, block, fp_block, hidden, hidden_fp, ctx)
+            fp_block = copy.deepcopy(block) if hidden_fp is not None else None
+            hidden, hidden_fp = strategy(self, BlockJob(b, block, fp_block, hidden, hidden_fp, ctx))
             blocks[b] = block.cpu()
             self.emit(kind="block_finished", block=b)
         self.emit(kind="done")
         return self.result
 
-    def _frozen_copy(self, block):
-        return copy.deepcopy(block)
-
-    def _run_block(self, b, block, fp_block, hidden, hidden_fp, ctx):
+    def quantize_stages(self, job: BlockJob):
+        """The stage-wise strategy: one forward pass of the block, pausing before each stage."""
         dev = self.device
-        gens = [self.family.block_forward(block, h.to(dev), ctx) for h in hidden]
-        gens_fp = None if fp_block is None else [self.family.block_forward(fp_block, h.to(dev), ctx)
-                                                 for h in hidden_fp]
+        gens = [self.family.block_forward(job.block, h.to(dev), job.ctx) for h in job.hidden]
+        gens_fp = None if job.fp_block is None else [self.family.block_forward(job.fp_block, h.to(dev), job.ctx)
+                                                     for h in job.hidden_fp]
         t0 = time.perf_counter()
         stages, outs = advance_stages(gens)
         stages_fp, outs_fp = advance_stages(gens_fp) if gens_fp else (None, None)
-        self._tick("forward", t0)
+        self.tick("forward", t0)
         while stages is not None:
-            self._quantize_stage(b, block, stages, stages_fp, ctx)
+            self._quantize_stage(job.index, job.block, stages, stages_fp, job.ctx)
             t0 = time.perf_counter()
             stages, outs = advance_stages(gens)
             if gens_fp:
                 stages_fp, outs_fp = advance_stages(gens_fp)
-            self._tick("forward", t0)
+            self.tick("forward", t0)
         return [o.cpu() for o in outs], (None if outs_fp is None else [o.cpu() for o in outs_fp])
 
     def _quantize_stage(self, b, block, stages: list[Stage], stages_fp: list[Stage] | None, ctx):
@@ -184,7 +241,7 @@ class BlockQuantizer:
         for i, st in enumerate(stages):
             cov.add(st.x, None if stages_fp is None else stages_fp[i].x)
         extra_stats = self.stage_statistics(block, kinds, stages, ctx)
-        self._tick("statistics", t0)
+        self.tick("statistics", t0)
         attention = kinds == self.family.attention_kinds
         fp_weights = {k: self.family.linear(block, k).weight.data.clone() for k in kinds} if attention else None
         for kind in kinds:
@@ -193,7 +250,7 @@ class BlockQuantizer:
             if attention:
                 t1 = time.perf_counter()
                 record.extra["attn_rel_error"] = self.attention_error(block, kind, fp_weights, stages, ctx)
-                self._tick("measure", t1)
+                self.tick("measure", t1)
             self.emit_finished(record)
 
     def stage_statistics(self, block, kinds, stages, ctx) -> dict:
@@ -230,60 +287,18 @@ class BlockQuantizer:
                 l.weight.data = now[k]
         return num / den if den > 0 else 0.0
 
-    def _quantize_layer(self, b, block, kind, cov: InputCovariance, stats: dict):
+    def _quantize_layer(self, b, block, kind, cov: InputCovariance, stats: dict) -> LayerRecord:
         layer = self.family.linear(block, kind)
-        name = f"{self.family.blocks_path}.{b}.{self.family.linears[kind]}"
-        self.emit(kind="layer_started", block=b, layer=name, layer_kind=kind)
+        self.emit(kind="layer_started", block=b, layer=self.layer_name(b, kind), layer_kind=kind)
         t0 = time.perf_counter()
         W = layer.weight.data
-        H = cov.H
-        res = self.solve_layer(W, H, kind, cov, stats)
+        res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,
+                                             self.check_cancel))
         seconds = time.perf_counter() - t0
         self.result.timings["solve"] += seconds
         if kind in self.family.attention_kinds:
             self.result.timings["solve_qkv"] += seconds
-        W32 = W.float()
-        rel = relative_error(res.weight - W32, W32, H)
-        layer.weight.data = res.weight.to(W.dtype)
-        self.result.packed[name] = PackedLayer(res.codes.cpu(), res.scale.cpu(), res.zero.cpu())
-        record = LayerRecord(name=name, block=b, kind=kind, loss=res.loss, rel_error=rel, seconds=seconds,
-                             extra=dict(getattr(res, "extra", None) or {}))
-        self.result.layers.append(record)
-        self.done += 1
-        return record
-
-    def emit_finished(self, record: LayerRecord):
-        self.emit(kind="layer_finished", block=record.block, layer=record.name, layer_kind=record.kind,
-                  loss=record.loss, rel_error=record.rel_error, seconds=record.seconds)
-
-    def solve_layer(self, W, H, kind, cov: InputCovariance, stats: dict) -> SolveResult:
-        if self.method.learned == "layer":
-            from .aespa import LearnedOptions, aespa_solve
-            return aespa_solve(W, H, stats, self.grid, self.solver, LearnedOptions(**self.options.get("learned", {})),
-                               self.check_cancel)
-        if self.method.solver is None:
-            return rtn_result(W, H, self.grid)
-        H_in = stats.get("H_in", H)
-        return solve(W, H_in, self.grid, self.solver, H_out=stats.get("H_out"), cross=cov.C,
-                     cross_H=None if H_in is H else H)
-
-
-def make_quantizer(model: nn.Module, family: Family, method: MethodSpec, *args, **kwargs) -> BlockQuantizer:
-    """The engine for ``method``: block-wise learned rounding (BRECQ) has its own block loop."""
-    if method.learned == "block":
-        from .brecq import BlockReconstruction
-        return BlockReconstruction(model, family, method, *args, **kwargs)
-    return BlockQuantizer(model, family, method, *args, **kwargs)
-
-
-def rtn_result(W: torch.Tensor, H: torch.Tensor, grid: GridConfig) -> SolveResult:
-    W32 = W.float()
-    scale, zero = group_params(W32, grid)
-    C = W32.shape[-1]
-    Q = rtn(W32, grid)
-    codes = quantize_codes(W32, expand_groups(scale, C), expand_groups(zero, C), grid.maxq)
-    loss = kronecker_loss((Q - W32).unsqueeze(0), H, None)
-    return SolveResult(weight=Q, codes=codes.to(torch.uint8), scale=scale, zero=zero, loss=float(loss))
+        return self.record(block, b, kind, res.quantized, W, cov.H, res.loss, seconds, res.extra)
 
 
 def advance_stages(gens):

@@ -6,14 +6,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import Cancelled
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 4,
-               progress=None) -> float:
-    """exp of the mean next-token loss over all windows (each window scored on its own)."""
+               progress=None, cancel=None) -> float:
+    """exp of the mean next-token loss over all windows (each window scored on its own).
+
+    ``cancel`` (anything with ``is_set()``) stops it between batches with ``Cancelled``.
+    """
     model.to(device)
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("run cancelled during evaluation")
         ids = windows[i:i + batch_size].to(device)
         logits = model(ids, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import PackedLayer
 from .errors import WorkbenchError
+from .quant.grid import GridConfig
+from .quant.weight import QuantizedWeight
 
 FORMAT_PACKED = "pack-quantized"
 FORMAT_FAKE = "fake-quant"
@@ -80,6 +81,13 @@ class WeightScheme:
                                 group_size=None if self.group_size == -1 else self.group_size)
 
     @classmethod
+    def of(cls, grid: GridConfig) -> "WeightScheme":
+        return cls(grid.bits, grid.group_size, grid.symmetric)
+
+    def grid(self) -> GridConfig:
+        return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    @classmethod
     def from_args(cls, args) -> "WeightScheme":
         if args.type != "int" or args.strategy not in ("group", "channel"):
             raise WorkbenchError(f"unsupported weight quantization {args.type}/{args.strategy}; the workbench reads "
@@ -116,7 +124,7 @@ class QuantizedCheckpoint:
     """A pack-quantized checkpoint read back: a dense model plus the codes and grids on disk."""
     model: nn.Module
     tokenizer: object
-    packed: dict[str, PackedLayer]
+    packed: dict[str, QuantizedWeight]
     scheme: WeightScheme
     info: ExportInfo | None
     source: str
@@ -160,12 +168,21 @@ def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: boo
     return path
 
 
+def grid_of(packed: dict[str, QuantizedWeight]) -> WeightScheme:
+    """The grid the quantized layers share, read from the layers themselves."""
+    schemes = {WeightScheme.of(q.grid) for q in packed.values()}
+    if len(schemes) > 1:
+        found = ", ".join(f"{s.bits}-bit g{s.group_size}" for s in sorted(schemes, key=lambda s: (s.bits, s.group_size)))
+        raise WorkbenchError(f"the quantized layers use different grids ({found}); this format stores one grid "
+                             f"for every layer")
+    return schemes.pop()
+
+
 def scheme_of(result) -> WeightScheme:
-    """The grid of a quantize run, checked against what the packed layers hold."""
-    cfg = result.report.config
-    scheme = WeightScheme(int(cfg["bits"]), int(cfg["group_size"]), bool(cfg["symmetric"]))
+    """The grid of a quantize run, read from its quantized layers and checked against the format."""
     if not result.packed:
         raise WorkbenchError("the run quantized no layers, so there is nothing to export; check --max-blocks")
+    scheme = grid_of(result.packed)
     bits = supported_bits()
     if scheme.bits not in bits:
         raise WorkbenchError(f"compressed-tensors cannot pack {scheme.bits}-bit weights; supported bit widths: "
@@ -217,14 +234,6 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def dequantized_weight(layer: PackedLayer, scale: torch.Tensor) -> torch.Tensor:
-    """``(codes - zero) * scale`` per group, in float32."""
-    d_in = layer.codes.shape[-1]
-    width = d_in // scale.shape[-1]
-    codes = layer.codes.float().view(layer.codes.shape[0], -1, width)
-    return ((codes - layer.zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(layer.codes.shape)
-
-
 def storable_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale in ``dtype``; one too small for it is raised to its least positive value instead of 0."""
     finfo = torch.finfo(dtype)
@@ -232,25 +241,25 @@ def storable_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scale.float().clamp(min=least, max=finfo.max).to(dtype)
 
 
-def check_layer(name: str, layer: PackedLayer, weight: torch.Tensor, scheme: WeightScheme):
+def check_layer(name: str, layer: QuantizedWeight, weight: torch.Tensor, scheme: WeightScheme):
     d_out, d_in = weight.shape
     groups = 1 if scheme.group_size == -1 else d_in // scheme.group_size
     if tuple(layer.codes.shape) != (d_out, d_in) or tuple(layer.scale.shape) != (d_out, groups) \
             or tuple(layer.zero.shape) != (d_out, groups):
         raise WorkbenchError(f"{name}: packed codes {tuple(layer.codes.shape)} / grid {tuple(layer.scale.shape)} do "
-                             f"not fit a {d_out}x{d_in} weight with group size {scheme.group_size}; was the report's "
-                             f"config edited after the run?")
+                             f"not fit a {d_out}x{d_in} weight with group size {scheme.group_size}; were the "
+                             f"codes changed after the run?")
     top = 2 ** scheme.bits - 1
     if int(layer.codes.max()) > top or float(layer.zero.min()) < 0 or float(layer.zero.max()) > top:
         raise WorkbenchError(f"{name}: codes or zero points outside [0, {top}] for {scheme.bits} bits")
     if scheme.symmetric and not bool((layer.zero == scheme.offset).all()):
         raise WorkbenchError(f"{name}: a symmetric grid must have zero point {scheme.offset} everywhere")
-    if not torch.allclose(dequantized_weight(layer, layer.scale), weight.float(), rtol=1e-5, atol=1e-6):
+    if not torch.allclose(layer.dequantize(), weight.float(), rtol=1e-5, atol=1e-6):
         raise WorkbenchError(f"{name}: the model's weight no longer matches its codes and grid; export the "
                              f"result of quantize() before changing the model")
 
 
-def compress_layer(name: str, layer: PackedLayer, scheme: WeightScheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def compress_layer(name: str, layer: QuantizedWeight, scheme: WeightScheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Pack one linear with compressed-tensors, checking that its codes come back unchanged."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -259,7 +268,7 @@ def compress_layer(name: str, layer: PackedLayer, scheme: WeightScheme, dtype: t
     scale = storable_scale(layer.scale, dtype)
     # the library re-derives codes as round(w / scale) + zp from a dequantized weight: build that weight
     # from the stored scale so the division lands on our integers exactly
-    state = {"weight": dequantized_weight(layer, scale), "weight_scale": scale,
+    state = {"weight": layer.dequantize(scale), "weight_scale": scale,
              "weight_zero_point": (layer.zero.round().to(torch.int16) - scheme.offset).to(torch.int8)}
     out = PackedQuantizationCompressor.compress(state, qscheme)
     back = unpack_from_int32(out["weight_packed"], scheme.bits, layer.codes.shape).to(torch.int16) + scheme.offset
@@ -362,8 +371,8 @@ def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
     dtype = settings.torch_dtype
     tensors = {n: (t.detach().to(dtype) if t.is_floating_point() else t.detach())
                for n, t in unique_state(result.model).items()}
-    cfg = getattr(getattr(result, "report", None), "config", None) or {}
-    scheme = WeightScheme(int(cfg["bits"]), int(cfg["group_size"]), bool(cfg["symmetric"])) if cfg else None
+    packed = getattr(result, "packed", None)
+    scheme = grid_of(packed) if packed else None
     with staging_dir(path, overwrite, packed=False) as tmp:
         write_model_files(tmp, result, tensors, dtype, settings)
         info = measure(tmp, FORMAT_FAKE, settings.dtype, result, scheme)
@@ -416,7 +425,7 @@ def read_quantization_config(path: Path):
     return QuantizationConfig.model_validate({k: v for k, v in raw.items() if k in known})
 
 
-def read_packed(path: Path, scheme: WeightScheme) -> dict[str, PackedLayer]:
+def read_packed(path: Path, scheme: WeightScheme) -> dict[str, QuantizedWeight]:
     """Codes and grids of every packed linear, back in the workbench's unsigned convention."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
@@ -438,7 +447,7 @@ def read_packed(path: Path, scheme: WeightScheme) -> dict[str, PackedLayer]:
             zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], scheme.bits,
                                    torch.Size((shape[0], scale.shape[-1])), packed_dim=0)
             zero = (zp.to(torch.int16) + scheme.offset).float()
-        out[name] = PackedLayer(codes.to(torch.uint8), scale.float(), zero)
+        out[name] = QuantizedWeight(codes.to(torch.uint8), scale.float(), zero, scheme.grid())
     return out
 
 

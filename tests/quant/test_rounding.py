@@ -23,14 +23,14 @@ def layer_loss(w_hat, w, h):
 
 
 def assert_on_grid(res, grid, shape):
-    assert res.weight.shape == shape
-    assert res.codes.dtype == torch.int32
+    """``res``: a QuantizedWeight of a weight of ``shape`` on ``grid``."""
+    assert res.codes.shape == (shape[0], int(torch.tensor(shape[1:]).prod()))
+    assert res.codes.dtype == torch.uint8 and res.grid == grid
     assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= grid.maxq
     width = res.codes.shape[1] // res.scale.shape[1]
     scale = res.scale.repeat_interleave(width, 1)
     zero = res.zero.repeat_interleave(width, 1)
-    torch.testing.assert_close(res.weight.reshape(res.codes.shape), scale * (res.codes.float() - zero),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(res.dequantize(), scale * (res.codes.float() - zero), rtol=0, atol=1e-6)
 
 
 def test_rectified_sigmoid_and_regularizer():
@@ -68,7 +68,7 @@ def test_learned_rounding_ends_on_grid_and_beats_rtn(learn_scale):
     res, hist = learn_rounding(w, grid, lambda wq: layer_loss(wq, w, h), cfg)
     assert_on_grid(res, grid, w.shape)
     rtn_loss = float(layer_loss(rtn(w, grid), w, h))
-    assert hist.final_loss == pytest.approx(float(layer_loss(res.weight, w, h)), rel=1e-5)
+    assert hist.final_loss == pytest.approx(float(layer_loss(res.dequantize(), w, h)), rel=1e-5)
     assert hist.final_loss < 0.5 * rtn_loss
     assert len(hist.loss) == cfg.iters and hist.beta[0] is None and hist.beta[-1] is not None
 

@@ -82,8 +82,9 @@ def _check_same_shape(fp: nn.Module, quant: nn.Module, family: Family):
 @torch.no_grad()
 def reconstruction_errors(fp_model: nn.Module, quant_model: nn.Module, family: Family, ids: torch.Tensor, *,
                           batch_size: int = 4, device: torch.device | str = "cpu",
-                          max_blocks: int | None = None) -> Reconstruction:
-    """Errors of ``quant_model`` against ``fp_model`` on held-out windows ``ids [n, L]``."""
+                          max_blocks: int | None = None, cancel=None) -> Reconstruction:
+    """Errors of ``quant_model`` against ``fp_model`` on held-out windows ``ids [n, L]``;
+    ``cancel`` (``is_set()``) stops it between blocks with ``Cancelled``."""
     _check_same_shape(fp_model, quant_model, family)
     geometry = family.geometry(fp_model.config)
     r = _Ratio()
@@ -95,7 +96,7 @@ def reconstruction_errors(fp_model: nn.Module, quant_model: nn.Module, family: F
             r.add(("output_propagated", b), out_q, out_fp)
 
     for view in walk_stages([fp_model, quant_model], family, ids, batch_size=batch_size, device=device,
-                            max_blocks=max_blocks, on_block=on_block):
+                            max_blocks=max_blocks, on_block=on_block, cancel=cancel):
         b = view.block
         fp_block, q_block = view.blocks
         for kind in view.kinds:

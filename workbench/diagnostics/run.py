@@ -1,5 +1,6 @@
-"""Diagnose a model: Hessian spectra on the calibration windows and, after quantizing a copy,
-reconstruction errors on held-out windows. Frames out, no figures."""
+"""What ``workbench inspect`` runs: Hessian spectra on the calibration windows and, after
+quantizing a copy, reconstruction errors on held-out windows, through the workspace. Frames out,
+no figures."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,14 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..api import QuantizeConfig, QuantizeResult, quantize
-from ..data import calibration_windows, evaluation_windows
-from ..engine import resolve_device
+from .. import workspace
+from ..config import QuantizeConfig
 from ..errors import WorkbenchError
-from ..models.loading import LoadedModel, load_model
 from ..report import Report, check_writable, write_atomic
-from .reconstruction import Reconstruction, frozen_copy, reconstruction_errors
-from .spectra import Spectra, hessian_spectra
+from .reconstruction import Reconstruction
+from .spectra import Spectra
 
 
 @dataclass
@@ -29,7 +28,7 @@ class DiagnoseConfig:
     heldout_windows: int = 4          # windows of the evaluation text for reconstruction errors
 
     def validate(self):
-        self.quantize.validate()
+        self.quantize.validate("cli")
         if self.method and self.heldout_windows < 1:
             raise WorkbenchError(f"--heldout-windows must be at least 1, got {self.heldout_windows}")
 
@@ -68,27 +67,8 @@ class Diagnosis:
         return written
 
 
-def measure_quantized(fp: LoadedModel, config: QuantizeConfig, *, heldout_windows: int = 4, on_event=None,
-                      cancel=None) -> tuple[QuantizeResult, Reconstruction]:
-    """Quantize a copy of ``fp.model`` (left untouched) and measure it against the original."""
-    work = dataclasses.replace(fp, model=frozen_copy(fp.model))
-    result = quantize(config, loaded=work, on_event=on_event, cancel=cancel)
-    ids = evaluation_windows(fp.tokenizer, config.eval_text, config.seqlen, heldout_windows)
-    recon = reconstruction_errors(fp.model, result.model, fp.family, ids, batch_size=config.batch_size,
-                                  device=resolve_device(config.device), max_blocks=config.max_blocks)
-    return result, recon
-
-
-def spectra_for(fp: LoadedModel, config: QuantizeConfig, heads: bool = True, on_block=None) -> Spectra:
-    """Spectra of ``fp.model`` on the calibration windows the engine would draw for ``config``."""
-    ids = calibration_windows(fp.tokenizer, config.calib, config.calib_samples, config.seqlen, config.seed)
-    return hessian_spectra(fp.model, fp.family, ids, batch_size=config.batch_size,
-                           device=resolve_device(config.device), max_blocks=config.max_blocks, heads=heads,
-                           damp=config.damp, on_block=on_block)
-
-
-def diagnose(config: DiagnoseConfig, *, loaded: LoadedModel | None = None, on_event=None, cancel=None,
-             report_path=None, csv_dir=None) -> Diagnosis:
+def diagnose(config: DiagnoseConfig, *, models: workspace.ModelCache = workspace.MODELS, on_event=None,
+             cancel=None, report_path=None, csv_dir=None) -> Diagnosis:
     """Spectra and/or reconstruction errors for ``config``; optionally written as JSON and CSVs."""
     config.validate()
     if report_path is not None:
@@ -96,14 +76,13 @@ def diagnose(config: DiagnoseConfig, *, loaded: LoadedModel | None = None, on_ev
     if csv_dir is not None and not Path(csv_dir).expanduser().is_dir():
         raise WorkbenchError(f"--csv directory {str(csv_dir)!r} does not exist; create it first")
     q = config.quantize
-    fp = loaded or load_model(q.model)
     out = Diagnosis(config=dataclasses.asdict(config))
     if config.spectra:
-        out.spectra = spectra_for(fp, q, heads=config.heads)
+        out.spectra = workspace.spectra(q, models=models, on_event=on_event, cancel=cancel, heads=config.heads)
     if config.method:
-        result, out.reconstruction = measure_quantized(fp, q, heldout_windows=config.heldout_windows,
-                                                       on_event=on_event, cancel=cancel)
-        out.report = result.report
+        outcome = workspace.run(q, models=models, on_event=on_event, cancel=cancel,
+                                heldout=config.heldout_windows)
+        out.reconstruction, out.report = outcome.reconstruction, outcome.report
     if report_path is not None:
         out.to_json(report_path)
     if csv_dir is not None:

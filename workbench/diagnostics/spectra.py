@@ -97,18 +97,19 @@ def layer_name(family: Family, block: int, kind: str) -> str:
 @torch.no_grad()
 def hessian_spectra(model: nn.Module, family: Family, ids: torch.Tensor, *, batch_size: int = 4,
                     device: torch.device | str = "cpu", max_blocks: int | None = None, heads: bool = True,
-                    damp: float = 0.01, on_block=None) -> Spectra:
+                    damp: float = 0.01, on_block=None, cancel=None) -> Spectra:
     """Spectra of every linear layer's ``H_in`` and of the per-head attention factors.
 
     ``ids`` ``[n, L]``: calibration windows. The model is run as given (full precision or
     already quantized); ``heads=False`` skips the attention-aware factors. ``on_block(b, n)``
-    reports progress after each block.
+    reports progress after each block; ``cancel`` (``is_set()``) stops it between blocks.
     """
     geometry = family.geometry(model.config)
     layer_rows, layer_eigs, head_rows, head_eigs = [], [], [], []
     total = len(family.blocks(model)) if max_blocks is None else min(max_blocks, len(family.blocks(model)))
     for view in walk_stages([model], family, ids, batch_size=batch_size, device=device, max_blocks=max_blocks,
-                            on_block=None if on_block is None else (lambda b, _: on_block(b, total))):
+                            on_block=None if on_block is None else (lambda b, _: on_block(b, total)),
+                            cancel=cancel):
         stages = view.stages[0]
         cov = InputCovariance(stages[0].x.shape[-1], stages[0].x.device)
         for st in stages:

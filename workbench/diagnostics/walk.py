@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..engine import advance_stages, block_inputs
+from ..engine import advance_stages, block_inputs, to_device
+from ..errors import Cancelled
 from ..models import Family, Stage
 
 
@@ -24,14 +25,6 @@ class StageView:
     blocks: list[nn.Module]          # block ``block`` of every model, on the device
     stages: list[list[Stage]]        # stages[model][batch]
     ctx: object                      # the family's per-sequence context (RoPE tables), on the device
-
-
-def _to(ctx, device):
-    if ctx is None:
-        return None
-    if isinstance(ctx, torch.Tensor):
-        return ctx.to(device)
-    return type(ctx)(_to(c, device) for c in ctx)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -46,20 +39,23 @@ def block_count(model: nn.Module, family: Family, max_blocks: int | None) -> int
 @torch.no_grad()
 def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, batch_size: int = 4,
                 device: torch.device | str = "cpu", max_blocks: int | None = None,
-                on_block=None) -> Iterator[StageView]:
+                on_block=None, cancel=None) -> Iterator[StageView]:
     """Yield a ``StageView`` before every stage of the first ``max_blocks`` blocks.
 
     Only the current block of each model is moved to ``device`` (and back afterwards), so a
     model that does not fit on the device can still be walked. ``on_block(b, outputs)`` gets
     every model's block outputs (list per model of per-batch tensors) when block ``b`` ends.
+    ``cancel`` (anything with ``is_set()``) stops the walk before a block with ``Cancelled``.
     """
     device = torch.device(device)
     captured = [block_inputs(m, family, ids.to(_model_device(m)), batch_size) for m in models]
     # the context (RoPE tables) is computed where the model lives, then moved with the stream
-    ctx = _to(family.context(models[0], captured[0][0]), device)
+    ctx = to_device(family.context(models[0], captured[0][0]), device)
     hidden = [[h.to(device) for h in hs] for hs in captured]
     del captured
     for b in range(block_count(models[0], family, max_blocks)):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("run cancelled")
         homes = [_model_device(family.blocks(m)[b]) for m in models]
         blocks = [family.blocks(m)[b].to(device) for m in models]
         gens = [[family.block_forward(blk, h, ctx) for h in hs] for blk, hs in zip(blocks, hidden)]

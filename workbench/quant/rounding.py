@@ -9,8 +9,9 @@ regularizer sum(1 - |2h - 1|^beta), with beta annealed from 20 to 2, pushes ever
 at the end h is rounded, so the weight lies exactly on the grid.
 
 With the step size fixed (aespa, BRECQ), a step's elementwise work is one compiled kernel per
-weight (``adam_rounding_step``: gradient, Adam, regularizer and the next soft weight), so a
-layer-wise step costs little more than its loss's matmul.
+weight (``rounding_kernels.adam_rounding_step``: gradient, Adam, regularizer and the next soft
+weight), so a layer-wise step costs little more than its loss's matmul. The result is a
+``QuantizedWeight``.
 
 The optimizer knows nothing about where the loss comes from: a layer-wise loss from
 precomputed moments (aespa), a block's output error on calibration data (Genie-M, BRECQ), or
@@ -29,6 +30,9 @@ from torch import nn
 from ..errors import WorkbenchError
 from .compiled import kernel
 from .grid import GridConfig, expand_groups, group_params
+from .rounding_kernels import (ADAM_BETAS, adam_rounding_step, adam_warmup_step, soft_weight_and_regularizer,
+                               soft_weight_grad)
+from .weight import QuantizedWeight
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -76,83 +80,6 @@ def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-
-
-def _abs_pow(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``|t| ** p`` for ``p >= 1`` as exp(p log|t|): vectorized where compiled, unlike a tensor power."""
-    return torch.exp(p * torch.log(t.abs().clamp_min(1e-30)))
-
-
-def soft_weight_and_regularizer(v, A, C, beta, zeta_gamma: float, gamma: float):
-    """``(C + A * h(V), sum(1 - |2h - 1|^beta))`` for a fixed grid.
-
-    With the step size fixed, the clamped codes are affine in ``h`` (``A``, ``C`` fold in the
-    scale and the clamp to ``[0, maxq]``), so the soft weight is one multiply-add.
-    """
-    h = _soft_h(v, zeta_gamma, gamma)
-    reg = _sum(1 - _abs_pow(2 * h - 1, beta))
-    return torch.addcmul(C, A, h), reg
-
-
-def _soft_h(v, zeta_gamma: float, gamma: float):
-    return (torch.sigmoid(v) * zeta_gamma + gamma).clamp(0, 1)
-
-
-def _sum(t: torch.Tensor) -> torch.Tensor:
-    """A float32 sum over a whole weight accumulated in float64, so the recorded regularizer does
-    not depend on how a compiled loop splits the sum (at no measurable cost in the kernels)."""
-    return t.sum(dtype=torch.float64).to(t.dtype)
-
-
-def soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma: float, gamma: float):
-    """``(d(rec + reg_weight * reg) / dV, reg)`` from ``d rec / dW_hat`` for the soft weight above."""
-    sig = torch.sigmoid(v)
-    raw = sig * zeta_gamma + gamma
-    t = 2 * raw.clamp(0, 1) - 1
-    p = _abs_pow(t, beta - 1)
-    reg = _sum(1 - t.abs() * p)          # |t| * |t|^(beta - 1): the regularizer from the same power
-    # d reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1)
-    g_h = grad_w * A - torch.copysign(2 * reg_weight * beta * p, t)
-    return _through_h(g_h, sig, raw, zeta_gamma), reg
-
-
-def _through_h(g_h, sig, raw, zeta_gamma: float):
-    """``d / dV`` from ``d / dh``: ``dh/dV = (zeta - gamma) sigma (1 - sigma)`` where the clamp is
-    inactive, 0 where h is 0 or 1."""
-    inside = (raw > 0) & (raw < 1)
-    return torch.where(inside, g_h * (zeta_gamma * sig * (1 - sig)), torch.zeros_like(g_h))
-
-
-def _adam_update(v, m, s, g, lr, bias1, bias2):
-    """``torch.optim.Adam``'s step on ``v`` in place (``m``, ``s``: its moments)."""
-    b1, b2 = ADAM_BETAS
-    m.mul_(b1).add_(g, alpha=1 - b1)
-    s.mul_(b2).addcmul_(g, g, value=1 - b2)
-    v.sub_(lr / bias1 * m / (s.sqrt() / bias2.sqrt() + ADAM_EPS))
-
-
-def adam_rounding_step(v, m, s, grad_w, A, C, beta, reg_weight, lr, bias1, bias2,
-                       zeta_gamma: float, gamma: float):
-    """One Adam step on ``V`` (in place, as ``torch.optim.Adam``) from ``d rec / dW_hat``.
-
-    Returns the regularizer at the ``V`` it started from and the soft weight of the next step, so
-    one pass over the weight serves a whole step.
-    """
-    g, reg = soft_weight_grad(v, grad_w, A, beta, reg_weight, zeta_gamma, gamma)
-    _adam_update(v, m, s, g, lr, bias1, bias2)
-    return torch.addcmul(C, A, _soft_h(v, zeta_gamma, gamma)), reg
-
-
-def adam_warmup_step(v, m, s, grad_w, A, C, lr, bias1, bias2, zeta_gamma: float, gamma: float):
-    """``adam_rounding_step`` while the regularizer is off: no power of ``h`` to take, which
-    halves the step's elementwise time. A function of its own, so that it is compiled apart."""
-    sig = torch.sigmoid(v)
-    raw = sig * zeta_gamma + gamma
-    _adam_update(v, m, s, _through_h(grad_w * A, sig, raw, zeta_gamma), lr, bias1, bias2)
-    return torch.addcmul(C, A, _soft_h(v, zeta_gamma, gamma))
-
-
 class _SoftWeight(torch.autograd.Function):
     """``soft_weight_and_regularizer`` with its gradient by hand, for losses optimized by autograd and
     ``torch.optim`` (where other parameters are learned alongside). Autograd through the generic
@@ -182,15 +109,6 @@ def beta_at(step: int, cfg: RoundingConfig) -> float | None:
         return None
     progress = (step - start) / max(cfg.iters - start, 1)
     return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - progress)
-
-
-@dataclass
-class RoundedWeight:
-    """Hard-rounded result: ``weight == dequantize(codes, scale, zero)`` in the weight's shape."""
-    weight: torch.Tensor           # original shape
-    codes: torch.Tensor            # [d_out, d_in] integers in [0, maxq]
-    scale: torch.Tensor            # [d_out, n_groups]
-    zero: torch.Tensor             # [d_out, n_groups]
 
 
 class LearnedRounding(nn.Module):
@@ -274,11 +192,11 @@ class LearnedRounding(nn.Module):
         return reg if reg is not None else self.regularizer(beta)
 
     @torch.no_grad()
-    def result(self) -> RoundedWeight:
-        return RoundedWeight(weight=self.forward(hard=True).detach().clone(),
-                             codes=self.codes(hard=True).round().to(torch.int32),
-                             scale=self.scale.detach().clone().clamp(min=1e-10),
-                             zero=self.zero.clone())
+    def result(self) -> QuantizedWeight:
+        """The hard rounding: codes ``[d_out, d_in]`` (a conv weight flattened per output filter)."""
+        return QuantizedWeight(codes=self.codes(hard=True).round().to(torch.uint8),
+                               scale=self.scale.detach().clone().clamp(min=1e-10), zero=self.zero.clone(),
+                               grid=self.grid)
 
 
 def _start_from_codes(codes: torch.Tensor, ratio: torch.Tensor, zero: torch.Tensor, margin: float):
@@ -460,7 +378,7 @@ def learn_rounding(weight: torch.Tensor, grid: GridConfig,
                    loss_fn: Callable[[torch.Tensor], torch.Tensor], cfg: RoundingConfig = RoundingConfig(),
                    callback: Callable[[int, float], None] | None = None,
                    scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-                   codes: torch.Tensor | None = None) -> tuple[RoundedWeight, RoundingHistory]:
+                   codes: torch.Tensor | None = None) -> tuple[QuantizedWeight, RoundingHistory]:
     """One weight, one loss of the quantized weight: ``loss_fn(W_hat) -> scalar``.
 
     E.g. a layer-wise loss from moments, ``lambda w: ((w - W) @ H * (w - W)).sum()``.

@@ -9,11 +9,12 @@ All B problems advance together as batched tensor operations.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .grid import GridConfig, expand_groups, fake_quantize, group_params, quantize_codes
+from .weight import QuantizedWeight, from_codes
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,26 @@ class SolverConfig:
 
 @dataclass
 class SolveResult:
-    weight: torch.Tensor   # [d_out, d_in] dequantized, on the grid
-    codes: torch.Tensor    # [d_out, d_in] integer codes (uint8)
-    scale: torch.Tensor    # [d_out, n_groups]
-    zero: torch.Tensor     # [d_out, n_groups]
-    loss: float            # tr(H_out dW H_in dW^T) on the undamped statistics
+    quantized: QuantizedWeight
+    loss: float                                 # tr(H_out dW H_in dW^T) on the undamped statistics
+    extra: dict = field(default_factory=dict)   # method-specific measures for the report
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[d_out, d_in]`` dequantized, on the grid."""
+        return self.quantized.dequantize()
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.quantized.codes
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.quantized.scale
+
+    @property
+    def zero(self) -> torch.Tensor:
+        return self.quantized.zero
 
 
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -244,8 +260,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
 
     loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
                           None if H_out is None else H_out.to(torch.float32))
-    return SolveResult(weight=Q.reshape(d_out, C), codes=codes.reshape(d_out, C).to(torch.uint8),
-                       scale=scale_g.reshape(d_out, -1), zero=zero_g.reshape(d_out, -1), loss=float(loss))
+    return SolveResult(from_codes(codes, scale_g, zero_g, grid), float(loss))
 
 
 def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, inv: torch.Tensor | None, grid: GridConfig):

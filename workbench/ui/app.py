@@ -1,54 +1,48 @@
 """The workbench app: a Gradio Blocks page with Quantize, Compare and Inspect tabs.
 
-``build_app`` makes the page (tests inject a tiny model and small settings);
+``build_app`` makes the page (tests inject a tiny model and small starting values);
 ``main`` serves it on 127.0.0.1:7860 unless told otherwise, never shared publicly by default.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import threading
 
 import gradio as gr
 
+from ..models.loading import DEFAULT_MODEL
+from ..workspace import MODELS, ModelCache
 from . import text
 from .compare_tab import build_compare_tab
 from .form import build_form
 from .inspect_tab import build_inspect_tab
-from .models import MODELS, ModelCache
 from .quantize_tab import build_quantize_tab
 from .session import FILES_ROOT, Session, close_session
-from .settings import AppDefaults
-from .tabs import ExtraTab, discovered_tabs
 
 log = logging.getLogger("workbench.ui")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
-def build_app(default_model: str | None = None, defaults: AppDefaults | None = None,
-              extra_tabs: list[ExtraTab] | None = None, models: ModelCache | None = None) -> gr.Blocks:
-    """The page. ``default_model`` (a name, directory or hub id) overrides ``defaults.model``;
-    ``extra_tabs`` are ``(title, builder)`` pairs (default: those registered in ``ui.tabs``)."""
-    d = defaults or AppDefaults()
+def build_app(default_model: str | None = None, start: dict | None = None, method: str = "gptq",
+              models: ModelCache | None = None) -> gr.Blocks:
+    """The page. ``start`` holds the form's starting values by setting name (over a quick look:
+    ``form.APP_START``), ``default_model`` the model it opens on, ``method`` the Quantize tab's method."""
+    start = dict(start or {})
     if default_model is not None:
-        d = dataclasses.replace(d, model=default_model)
+        start["model"] = default_model
     models = models or MODELS
-    extra = discovered_tabs() if extra_tabs is None else extra_tabs
     with gr.Blocks(title="Quant Workbench", analytics_enabled=False) as demo:
         session = gr.State(Session, delete_callback=close_session)
         gr.Markdown(text.INTRO)
-        form = build_form(d)
+        form = build_form(start)
         with gr.Tabs(elem_id="wb-tabs"):
             with gr.Tab("Quantize", id="quantize", elem_id="wb-tab-quantize"):
-                build_quantize_tab(form, session, models, d)
+                build_quantize_tab(form, session, models, method)
             with gr.Tab("Compare", id="compare", elem_id="wb-tab-compare"):
                 build_compare_tab(form, session, models)
             with gr.Tab("Inspect", id="inspect", elem_id="wb-tab-inspect") as inspect_tab:
                 _, (refresh, inputs, outputs) = build_inspect_tab(form, session, models)
-            for title, builder in extra:
-                with gr.Tab(title):
-                    builder()
         inspect_tab.select(refresh, inputs, outputs, show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
     return demo
@@ -71,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind; 0.0.0.0 exposes it on the network")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--model", default=AppDefaults.model, help="model the page opens on")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model the page opens on")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--no-preload", dest="preload", action="store_false", help="load the model on the first run")
     return p.parse_args(argv)

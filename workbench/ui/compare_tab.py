@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from .. import workspace
 from ..errors import WorkbenchError
 from ..figures import attention_heatmaps, empty_figure, layer_error_figure
 from . import text
 from .form import Form
-from .models import ModelCache
-from .settings import COMPARE_METHODS, make_settings
-from .views import error_text, message_html, progress_html, summary_display, write_run_files
-from .work import quantize_one
+from .views import TabView, connect_cancel, error_text, message_html, progress_html, summary_display, write_run_files
+
+COMPARE_METHODS = ("rtn", "gptq", "boa", "turboboa")
 
 PLOT_EVERY = 0.5
 CURVES = "Relative output error per layer, one line per method"
@@ -23,19 +23,14 @@ READINGS = [("after o_proj (head's share of the residual)", "after_o"), ("before
 
 
 @dataclass
-class CompareView:
-    status: gr.HTML
-    progress: gr.HTML
+class CompareView(TabView):
     curves: gr.Plot
     heatmaps: gr.Plot
     table: gr.Dataframe
     files: gr.File
 
-    def outputs(self) -> list:
-        return [self.status, self.progress, self.curves, self.heatmaps, self.table, self.files]
 
-
-def build_compare_tab(form: Form, session: gr.State, models: ModelCache) -> CompareView:
+def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCache) -> CompareView:
     gr.Markdown(text.COMPARE)
     with gr.Row():
         run = gr.Button("Run all four methods", variant="primary", elem_id="wb-compare-run", scale=2)
@@ -54,13 +49,11 @@ def build_compare_tab(form: Form, session: gr.State, models: ModelCache) -> Comp
     view.files.render()
 
     def on_run(sess, value, *values):
-        yield from stream_compare(sess, models, view, value, values)
+        yield from stream_compare(sess, models, form, view, value, values)
 
     run.click(on_run, [session, reading, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
-    cancel.click(lambda sess: message_html("cancelling after the current layer...", "warn") if sess.cancel()
-                 else message_html("nothing is running", "info"), session, view.status, show_progress="hidden",
-                 concurrency_limit=None)
+    connect_cancel(cancel, session, view.status)
     reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
                    view.heatmaps, show_progress="hidden")
     return view
@@ -91,25 +84,23 @@ def summary_rows(outcomes: list, status: dict) -> pd.DataFrame:
     return summary_display(rows)
 
 
-def stream_compare(sess, models: ModelCache, view: CompareView, reading: str, values):
-    try:
-        settings = make_settings(*values)
+def stream_compare(sess, models: workspace.ModelCache, form: Form, view: CompareView, reading: str, values):
+    try:   # every method's config checked before any work
+        configs = {m: form.config(values, m) for m in COMPARE_METHODS}
     except WorkbenchError as exc:
         yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
         return
-    cached = {m: sess.cached(settings, m) for m in COMPARE_METHODS}
+    cached = {m: sess.cached(configs[m]) for m in COMPARE_METHODS}
+    first = configs[COMPARE_METHODS[0]]
 
     def work(post, cancel):
-        shared = None
         for m in COMPARE_METHODS:
             if cached[m] is not None:
                 post("outcome", cached[m])
                 continue
-            if shared is None:
-                post("phase", f"loading {settings.model}")
-                shared = models.get(settings.model)
             post("method", m)
-            post("outcome", quantize_one(shared, settings, m, post, cancel))
+            post("outcome", workspace.run(configs[m], models=models, cancel=cancel,
+                                          on_event=lambda ev, m=m: post("event", (m, ev))))
 
     try:
         job = sess.start(work, "compare")
@@ -134,15 +125,15 @@ def stream_compare(sess, models: ModelCache, view: CompareView, reading: str, va
         if msg is None:
             if len(live) > plotted:
                 update[view.curves], plotted = curves_figure(outcomes, live, per_run or None), len(live)
-        elif msg.kind == "phase":
-            label = msg.payload
         elif msg.kind == "method":
             status[msg.payload] = "running"
             update[view.table] = summary_rows(outcomes, status)
         elif msg.kind == "event":
             m, ev = msg.payload
             per_run = ev.total or per_run
-            if ev.kind == "layer_finished":
+            if ev.kind == "phase":
+                label = ev.message
+            elif ev.kind == "layer_finished":
                 done = ev.index
                 live.append({"method": m, "name": ev.layer, "block": ev.block, "kind": ev.layer_kind,
                              "rel_error": ev.rel_error})
@@ -164,7 +155,7 @@ def stream_compare(sess, models: ModelCache, view: CompareView, reading: str, va
                            view.heatmaps: heatmaps_figure(outcomes, reading),
                            view.curves: curves_figure(outcomes, live, per_run)})
         elif msg.kind == "result":
-            files = write_run_files(sess.files_dir(), f"compare-w{settings.bits}g{settings.group_size}", outcomes)
+            files = write_run_files(sess.files_dir(), f"compare-w{first.bits}g{first.group_size}", outcomes)
             n, total = overall()
             fresh = sum(1 for m in COMPARE_METHODS if cached[m] is None)
             note = ("all four methods shown from this page's cache" if fresh == 0

@@ -1,71 +1,108 @@
-"""The shared settings form: model, data, grid and scope. Every tab reads it."""
+"""The shared settings form, derived from the settings' declarations; every tab reads it.
+
+Model, data and grid sit in rows above the tabs, the rest of the run's settings in "More
+settings"; the solver and learned-rounding fields are created here and placed by the Quantize
+tab, shown for the methods they apply to. A handler turns the form's values into a method's
+config with ``Form.config`` (the one validation, messages naming the field labels).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import gradio as gr
 
-from ..models.loading import EMBEDDED
-from .settings import AppDefaults
+from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
+from ..settings import METHOD_DEFAULT, Setting
+
+FACE = "app"
+# a quick look that finishes in a minute or two on a CPU; every value can be raised in the form
+APP_START = dict(calib_samples=8, seqlen=256, eval_windows=4, max_blocks=2)
+ROWS = (("model", "data"), ("grid",))     # the rows above the tabs; "run" goes into More settings
+METHOD_GROUPS = ("solver", "learned")    # placed by the Quantize tab
+
+
+def elem_id(name: str) -> str:
+    return "wb-" + name.replace("_", "-")
+
+
+def component(s: Setting, value, render: bool = True):
+    """The Gradio input for one setting, showing ``value``."""
+    shown = s.form_value(value)
+    kw = dict(label=s.label, info=s.help, elem_id=elem_id(s.name), render=render)
+    if s.kind is bool and s.optional:
+        return gr.Dropdown([METHOD_DEFAULT, "on", "off"], value=shown, **kw)
+    if s.kind is bool:
+        return gr.Checkbox(value=bool(value), **kw)
+    if s.choices:
+        return gr.Dropdown(([METHOD_DEFAULT] if s.optional else []) + list(s.choices), value=shown, **kw)
+    if s.slider:
+        return gr.Slider(s.low, s.high, value=shown, step=s.step, **kw)
+    if s.suggestions:
+        options = list(dict.fromkeys([shown, *s.suggestions]))
+        return gr.Dropdown(options, value=shown, allow_custom_value=True, **kw)
+    if s.kind in (int, float) and shown is not None:
+        return gr.Number(shown, precision=0 if s.kind is int else None, **kw)
+    # a number left to the method: a text box, since an emptied number box sends 0, not "empty"
+    return gr.Textbox(value="" if shown is None else shown, placeholder=s.none_means, **kw)
 
 
 @dataclass
 class Form:
-    model: gr.Dropdown
-    calib: gr.Dropdown
-    calib_samples: gr.Number
-    seqlen: gr.Number
-    eval_windows: gr.Number
-    bits: gr.Slider
-    group_size: gr.Dropdown
-    max_blocks: gr.Number
-    device: gr.Dropdown
-    rows_per_step: gr.Number
-    dx_alpha: gr.Slider
-    refine_iters: gr.Number
-    iters: gr.Number
-    lr: gr.Number
-    init: gr.Radio
+    fields: dict                    # setting name -> component, in the order of ``inputs()``
 
     def inputs(self) -> list:
-        """In the argument order of ``settings.make_settings``."""
-        return [self.model, self.calib, self.calib_samples, self.seqlen, self.eval_windows, self.bits,
-                self.group_size, self.max_blocks, self.device, self.rows_per_step, self.dx_alpha,
-                self.refine_iters, self.iters, self.lr, self.init]
+        return list(self.fields.values())
+
+    def values(self, raw) -> dict:
+        return dict(zip(self.fields, raw))
+
+    def config(self, raw, method: str) -> QuantizeConfig:
+        """The form's values as ``method``'s config; raises ``WorkbenchError`` naming the field."""
+        return for_method(self.values(raw), method, FACE)
+
+    def method_fields(self) -> dict:
+        """The fields that apply to some methods only, with those methods."""
+        return {name: (c, SETTINGS[name].methods) for name, c in self.fields.items()
+                if SETTINGS[name].methods is not None}
+
+    def visibility(self, method: str) -> list:
+        """Updates showing the method-specific fields of ``method``, in ``method_fields()`` order."""
+        return [gr.update(visible=method in methods) for _, methods in self.method_fields().values()]
 
 
-def build_form(d: AppDefaults) -> Form:
-    """The shared row; the TurboBoA and learned-rounding options are created here and placed by the Quantize tab."""
-    models = list(dict.fromkeys([d.model, *EMBEDDED]))
-    with gr.Row(equal_height=True):
-        model = gr.Dropdown(models, value=d.model, allow_custom_value=True, scale=3, elem_id="wb-model",
-                            label="Model", info="embedded name, local checkpoint directory or hub id")
-        calib = gr.Dropdown(["wikitext2"], value=d.calib, allow_custom_value=True, scale=2, elem_id="wb-calib",
-                            label="Calibration text", info="wikitext2, a text file or hf:NAME[:CONFIG[:SPLIT]]")
-        calib_samples = gr.Number(d.calib_samples, precision=0, label="Calibration samples", elem_id="wb-samples",
-                                  info="windows drawn")
-        seqlen = gr.Number(d.seqlen, precision=0, label="Sequence length", elem_id="wb-seqlen", info="tokens")
-    with gr.Row(equal_height=True):
-        bits = gr.Slider(2, 8, value=d.bits, step=1, label="Bits", elem_id="wb-bits")
-        group_size = gr.Dropdown([-1, 32, 64, 128], value=d.group_size, allow_custom_value=True,
-                                 label="Group size", info="-1: one grid per row", elem_id="wb-group")
-        max_blocks = gr.Number(d.max_blocks, precision=0, label="Max blocks", info="0: all blocks",
-                               elem_id="wb-max-blocks")
-        eval_windows = gr.Number(d.eval_windows, precision=0, label="Evaluation windows",
-                                 info="held-out windows for perplexity (0 all, -1 skip)", elem_id="wb-eval")
-        device = gr.Dropdown(["auto", "cpu", "cuda"], value=d.device, allow_custom_value=True, label="Device",
-                             elem_id="wb-device")
-    rows = gr.Number(d.rows_per_step, precision=0, label="Rows per step", info="rows of every head quantized together",
-                     render=False, elem_id="wb-rows")
-    alpha = gr.Slider(0, 1, value=d.dx_alpha, step=0.05, label="dx alpha",
-                      info="correction for errors inherited from earlier layers", render=False, elem_id="wb-alpha")
-    refine = gr.Number(d.refine_iters, precision=0, label="Refine iterations", info="scale refinement sweeps",
-                       render=False, elem_id="wb-refine")
-    iters = gr.Number(d.iters, precision=0, label="Rounding steps", render=False, elem_id="wb-iters",
-                      info="Adam steps per layer (aespa) or per block (BRECQ)")
-    lr = gr.Number(d.lr, label="Learning rate", info="Adam on the rounding variables", render=False, elem_id="wb-lr")
-    init = gr.Radio([("GPTQ", "gptq"), ("BoA", "boa"), ("RTN", "rtn")], value=d.init, label="Start from",
-                    info="aespa: the rounding it learns from", render=False, elem_id="wb-init",
-                    visible=d.method != "brecq")
-    return Form(model, calib, calib_samples, seqlen, eval_windows, bits, group_size, max_blocks, device,
-                rows, alpha, refine, iters, lr, init)
+def build_form(start: dict | None = None) -> Form:
+    """The shared rows and More settings; the method-specific fields are made unrendered."""
+    values = {**DEFAULTS, **APP_START, **(start or {})}
+    app = {name: s for name, s in SETTINGS.items() if FACE in s.faces}
+    fields = {}
+    for groups in ROWS:
+        with gr.Row(equal_height=True):
+            for name, s in app.items():
+                if s.group in groups and s.methods is None:
+                    fields[name] = component(s, values[name])
+    with gr.Accordion("More settings", open=False, elem_id="wb-more"):
+        with gr.Row(equal_height=True):
+            for name, s in app.items():
+                if name not in fields and s.group not in METHOD_GROUPS and s.methods is None:
+                    fields[name] = component(s, values[name])
+    for name, s in app.items():
+        if name not in fields:
+            fields[name] = component(s, values[name], render=False)
+    return Form(fields)
+
+
+def method_rows(form: Form, method: str):
+    """Render the method-specific fields as rows by section (inside the Quantize tab)."""
+    for group in METHOD_GROUPS:
+        with gr.Row(equal_height=True):
+            for name, (c, methods) in form.method_fields().items():
+                if SETTINGS[name].group == group:
+                    c.visible = method in methods
+                    c.render()
+    # fields of other sections that apply to some methods only (e.g. the measure batches)
+    rest = [(c, m) for name, (c, m) in form.method_fields().items() if SETTINGS[name].group not in METHOD_GROUPS]
+    if rest:
+        with gr.Row(equal_height=True):
+            for c, methods in rest:
+                c.visible = method in methods
+                c.render()

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from .. import workspace
 from ..errors import WorkbenchError
 from ..figures import condition_heatmap, empty_figure, error_vs_spectrum, head_spectra_figure, spectrum_figure
 from . import text
 from .form import Form
-from .models import ModelCache
-from .settings import make_settings
-from .views import error_text, message_html, progress_html
-from .work import spectra_of
+from .views import TabView, error_text, message_html, progress_html
 
 SUMMARIES = [("condition number", "condition"), ("condition (damped, as the solver sees it)", "condition_damped"),
              ("effective rank", "effective_rank"), ("top-1% share of the trace", "top1_share")]
@@ -23,20 +21,15 @@ ERRORS = [("calibration error (report)", "rel_error"), ("held-out error", "heldo
 
 
 @dataclass
-class InspectView:
-    status: gr.HTML
-    progress: gr.HTML
+class InspectView(TabView):
     layer: gr.Dropdown
     spectrum: gr.Plot
     heads: gr.Plot
     heatmap: gr.Plot
     scatter: gr.Plot
 
-    def outputs(self) -> list:
-        return [self.status, self.progress, self.layer, self.spectrum, self.heads, self.heatmap, self.scatter]
 
-
-def build_inspect_tab(form: Form, session: gr.State, models: ModelCache) -> tuple[InspectView, callable]:
+def build_inspect_tab(form: Form, session: gr.State, models: workspace.ModelCache) -> tuple[InspectView, callable]:
     gr.Markdown(text.INSPECT)
     with gr.Row():
         compute = gr.Button("Compute spectra", variant="primary", elem_id="wb-i-run", scale=1)
@@ -60,7 +53,7 @@ def build_inspect_tab(form: Form, session: gr.State, models: ModelCache) -> tupl
     view = InspectView(status, progress, layer, spectrum, heads, heatmap, scatter)
 
     def on_compute(sess, layer_name, fac, summ, e, *values):
-        yield from stream_spectra(sess, models, view, layer_name, fac, summ, e, values)
+        yield from stream_spectra(sess, models, form, view, layer_name, fac, summ, e, values)
 
     compute.click(on_compute, [session, layer, factor, summary, err, *form.inputs()], view.outputs(),
                   show_progress="hidden", concurrency_limit=None)
@@ -114,22 +107,23 @@ def across_figures(sess, summary, err):
     if current is None:
         return (empty_figure("Condition number across layers", "press Compute spectra"),
                 empty_figure("Error against spectrum", "needs spectra and a quantization run"))
-    settings, spectra = current
+    config, spectra = current
     label = dict((v, k) for k, v in SUMMARIES)[summary]
     heat = condition_heatmap(spectra.layers, summary, title=f"{label[0].upper() + label[1:]} of H_in across layers")
-    scatter = error_vs_spectrum(spectra.layers, error_frame(sess, settings.model), x=summary, y=err)
+    scatter = error_vs_spectrum(spectra.layers, error_frame(sess, config.model), x=summary, y=err)
     return heat, scatter
 
 
-def stream_spectra(sess, models: ModelCache, view: InspectView, layer_name, factor, summary, err, values):
-    try:
-        settings = make_settings(*values)
+def stream_spectra(sess, models: workspace.ModelCache, form: Form, view: InspectView, layer_name, factor, summary,
+                   err, values):
+    try:   # the spectra are of the full-precision model: the method only decides which fields apply
+        config = form.config(values, "gptq")
     except WorkbenchError as exc:
         yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
         return
 
     def finish(spectra, note):
-        sess.remember_spectra(settings, spectra)
+        sess.remember_spectra(config, spectra)
         names = spectra.layers["name"].tolist()
         chosen = layer_name if layer_name in names else (names[0] if names else None)
         spec, heads = layer_figures(sess, chosen, factor)
@@ -140,27 +134,27 @@ def stream_spectra(sess, models: ModelCache, view: InspectView, layer_name, fact
                 view.layer: gr.Dropdown(choices=names, value=chosen), view.spectrum: spec, view.heads: heads,
                 view.heatmap: heat, view.scatter: scatter}
 
-    hit = sess.spectra.get(settings.spectra_key())
+    hit = sess.cached_spectra(config)
     if hit is not None:
-        yield finish(hit[1], "spectra for these settings shown from this page's cache")
+        yield finish(hit, "spectra for these settings shown from this page's cache")
         return
     try:
-        job = sess.start(lambda post, cancel: spectra_of(models.get(settings.model), settings, post, cancel),
-                         "spectra")
+        job = sess.start(lambda post, cancel: workspace.spectra(config, models=models, cancel=cancel,
+                                                                on_event=lambda ev: post("event", ev)), "spectra")
     except WorkbenchError as exc:
         yield {view.status: message_html(str(exc), "warn")}
         return
-    label, done, total = f"loading {settings.model}", 0, 0
+    label, done, total = f"loading {config.model}", 0, 0
     yield {view.status: message_html("computing spectra of the full-precision model...", "info"),
            view.progress: progress_html(0, 1, label, 0)}
     for msg in job.messages():
         elapsed = time.perf_counter() - job.started
         if msg is None:
             pass
-        elif msg.kind == "phase":
-            label = msg.payload
-        elif msg.kind == "block":
-            done, total = msg.payload
+        elif msg.kind == "event" and msg.payload.kind == "phase":
+            label = msg.payload.message
+        elif msg.kind == "event":
+            done, total = msg.payload.index, msg.payload.total
             label = f"block {done} of {total}"
         elif msg.kind == "result":
             yield finish(msg.payload, f"spectra of {done} blocks in {elapsed:.0f} s")

@@ -7,48 +7,37 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from .. import workspace
 from ..errors import WorkbenchError
 from ..figures import empty_figure, progress_figure
 from ..figures.style import method_label
+from ..methods import METHODS
 from . import text
-from .form import Form
-from .models import ModelCache
-from .settings import LEARNED_METHODS, AppDefaults, make_settings, method_choices
-from .views import (empty_layers, error_text, file_stem, layer_display, message_html, perplexity_markdown,
-                    progress_html, write_run_files)
-from .work import quantize_one
+from .form import Form, method_rows
+from .views import (TabView, connect_cancel, empty_layers, error_text, file_stem, layer_display, message_html,
+                    perplexity_markdown, progress_html, write_run_files)
 
 PLOT_EVERY = 0.4   # seconds between plot refreshes while layers stream in
 TITLE = "Relative output error per layer"
 
 
 @dataclass
-class QuantizeView:
-    status: gr.HTML
-    progress: gr.HTML
+class QuantizeView(TabView):
     plot: gr.Plot
     ppl: gr.Markdown
     table: gr.Dataframe
     files: gr.File
 
-    def outputs(self) -> list:
-        return [self.status, self.progress, self.plot, self.ppl, self.table, self.files]
 
-
-def build_quantize_tab(form: Form, session: gr.State, models: ModelCache, d: AppDefaults) -> QuantizeView:
+def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCache,
+                       start_method: str = "gptq") -> QuantizeView:
     gr.Markdown(text.QUANTIZE)
     with gr.Row():
-        method = gr.Radio(method_choices(), value=d.method, label="Method", elem_id="wb-method", scale=3)
+        method = gr.Radio([(method_label(m), m) for m in METHODS], value=start_method, label="Method",
+                          elem_id="wb-method", scale=3)
         run = gr.Button("Run", variant="primary", elem_id="wb-run", scale=1)
         cancel = gr.Button("Cancel", variant="stop", elem_id="wb-cancel", scale=1)
-    with gr.Row(visible=d.method == "turboboa") as turbo:
-        form.rows_per_step.render()
-        form.dx_alpha.render()
-        form.refine_iters.render()
-    with gr.Row(visible=d.method in LEARNED_METHODS) as learned:
-        form.iters.render()
-        form.lr.render()
-        form.init.render()
+    method_rows(form, start_method)
     view = QuantizeView(
         status=gr.HTML(elem_id="wb-q-status"),
         progress=gr.HTML(elem_id="wb-q-progress"),
@@ -57,47 +46,42 @@ def build_quantize_tab(form: Form, session: gr.State, models: ModelCache, d: App
         table=gr.Dataframe(label="Per-layer results", elem_id="wb-q-table", interactive=False, max_height=360),
         files=gr.File(label="Report downloads (JSON, CSV)", file_count="multiple", elem_id="wb-q-files",
                       interactive=False))
-    method.change(lambda m: (gr.Row(visible=m == "turboboa"), gr.Row(visible=m in LEARNED_METHODS),
-                             gr.Radio(visible=m == "aespa")),
-                  method, [turbo, learned, form.init], show_progress="hidden")
+    method.change(form.visibility, method, [c for c, _ in form.method_fields().values()], show_progress="hidden")
 
     def on_run(sess, m, *values):
-        yield from stream_quantize(sess, models, view, m, values)
+        yield from stream_quantize(sess, models, form, view, m, values)
 
     run.click(on_run, [session, method, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
-    cancel.click(lambda sess: message_html("cancelling after the current layer...", "warn") if sess.cancel()
-                 else message_html("nothing is running", "info"), session, view.status, show_progress="hidden",
-                 concurrency_limit=None)
+    connect_cancel(cancel, session, view.status)
     return view
 
 
 def finished_outputs(view: QuantizeView, sess, outcome, note: str) -> dict:
     layers = outcome.layers
     total = len(layers)
-    files = write_run_files(sess.files_dir(), file_stem(outcome.settings, outcome.method), [outcome])
+    files = write_run_files(sess.files_dir(), file_stem(outcome.config), [outcome])
     return {view.status: message_html(note, "ok"),
             view.progress: progress_html(total, total, f"{total} layers quantized", state="done"),
             view.plot: progress_figure(layers, total, title=f"{TITLE}: {method_label(outcome.method)}, {total} layers"),
             view.ppl: perplexity_markdown(outcome), view.table: layer_display(layers), view.files: files}
 
 
-def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, values):
+def stream_quantize(sess, models: workspace.ModelCache, form: Form, view: QuantizeView, method: str, values):
     """The Run handler: validate, start the worker, turn its messages into page updates."""
     try:
-        settings = make_settings(*values)
+        config = form.config(values, method)
     except WorkbenchError as exc:
         yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
         return
-    cached = sess.cached(settings, method)
+    cached = sess.cached(config)
     if cached is not None:
         sess.last_quantize = cached
         yield finished_outputs(view, sess, cached, "same settings as an earlier run: shown from this page's cache")
         return
 
     def work(post, cancel):
-        post("phase", f"loading {settings.model}")
-        return quantize_one(models.get(settings.model), settings, method, post, cancel)
+        return workspace.run(config, models=models, on_event=lambda ev: post("event", ev), cancel=cancel)
 
     try:
         job = sess.start(work, "quantize")
@@ -117,12 +101,12 @@ def stream_quantize(sess, models: ModelCache, view: QuantizeView, method: str, v
                 update[view.plot], plotted = progress_figure(pd.DataFrame(rows), total), len(rows)
             yield update
             continue
-        if msg.kind == "phase":
-            label = msg.payload
-        elif msg.kind == "event":
-            _, ev = msg.payload
+        if msg.kind == "event":
+            ev = msg.payload
             total = ev.total or total
-            if ev.kind == "layer_started":
+            if ev.kind == "phase":
+                label = ev.message
+            elif ev.kind == "layer_started":
                 label = f"{method}: block {ev.block}, {ev.layer_kind} ({ev.index}/{ev.total})"
             elif ev.kind == "layer_finished":
                 done = ev.index

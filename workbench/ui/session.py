@@ -11,7 +11,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import WorkbenchError
-from .jobs import Job
+from ..jobs import Job
+from ..workspace import spectra_key
 
 FILES_ROOT = Path(tempfile.gettempdir()) / "quant-workbench-app"
 RESULT_CAPACITY = 32
@@ -21,11 +22,11 @@ SPECTRA_CAPACITY = 4
 class Session:
     def __init__(self):
         self.job: Job | None = None
-        self.results: OrderedDict = OrderedDict()     # (Settings, method) -> Outcome, oldest first
-        self.spectra: OrderedDict = OrderedDict()     # Settings.spectra_key() -> (Settings, Spectra)
+        self.results: OrderedDict = OrderedDict()     # QuantizeConfig -> Outcome, oldest first
+        self.spectra: OrderedDict = OrderedDict()     # workspace.spectra_key(config) -> (config, Spectra)
         self.last_quantize = None                     # Outcome
         self.last_compare: list = []                  # Outcomes of the latest Compare
-        self.current_spectra = None                   # (Settings, Spectra) shown in Inspect
+        self.current_spectra = None                   # (QuantizeConfig, Spectra) shown in Inspect
         self._files: Path | None = None
 
     def __deepcopy__(self, memo):
@@ -49,29 +50,33 @@ class Session:
         return False
 
     def remember(self, outcome):
-        key = (outcome.settings, outcome.method)
+        key = outcome.config
         self.results.pop(key, None)
         self.results[key] = outcome
         while len(self.results) > RESULT_CAPACITY:
             self.results.popitem(last=False)
 
-    def cached(self, settings, method):
-        return self.results.get((settings, method))
+    def cached(self, config):
+        return self.results.get(config)
 
-    def remember_spectra(self, settings, spectra):
-        key = settings.spectra_key()
+    def cached_spectra(self, config):
+        hit = self.spectra.get(spectra_key(config))
+        return None if hit is None else hit[1]
+
+    def remember_spectra(self, config, spectra):
+        key = spectra_key(config)
         self.spectra.pop(key, None)
-        self.spectra[key] = (settings, spectra)
+        self.spectra[key] = (config, spectra)
         while len(self.spectra) > SPECTRA_CAPACITY:
             self.spectra.popitem(last=False)
-        self.current_spectra = (settings, spectra)
+        self.current_spectra = (config, spectra)
 
     def outcomes_for(self, model: str) -> list:
         """The latest outcome per method for ``model``, in method order of first appearance."""
         latest = {}
-        for (settings, method), outcome in self.results.items():
-            if settings.model == model:
-                latest[method] = outcome
+        for config, outcome in self.results.items():
+            if config.model == model:
+                latest[config.method] = outcome
         return list(latest.values())
 
     def files_dir(self) -> Path:

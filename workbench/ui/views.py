@@ -1,14 +1,28 @@
 """Small renderers from run data to what the page shows: progress bar, perplexity line, tables, files."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import gradio as gr
 import pandas as pd
 
 from ..report import write_atomic
 from ..figures.style import method_label
+
+@dataclass
+class TabView:
+    """A tab's output components as fields; every tab has a status line and a progress bar first."""
+    status: gr.HTML
+    progress: gr.HTML
+
+    def outputs(self) -> list:
+        """The components in field order: what a handler that updates the whole tab returns into."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
 
 LAYER_COLUMNS = ["method", "name", "block", "kind", "rel_error", "heldout_rel_error", "heldout_propagated",
                  "attn_rel_error", "loss", "seconds"]
@@ -50,7 +64,7 @@ def _fmt(v, digits=3):
 
 
 def perplexity_markdown(outcome) -> str:
-    r, s = outcome.report, outcome.settings
+    r, s = outcome.report, outcome.config
     if r.ppl_fp is None:
         return "Perplexity was skipped (evaluation windows = -1)."
     change = 100 * (r.ppl_quant / r.ppl_fp - 1)
@@ -99,7 +113,14 @@ def write_run_files(directory: Path, stem: str, outcomes: list) -> list[str]:
     return [str(j), str(c)]
 
 
-def file_stem(settings, method: str) -> str:
-    model = Path(settings.model).name or "model"
-    blocks = "all" if settings.max_blocks is None else f"b{settings.max_blocks}"
-    return f"{model}-{method}-w{settings.bits}g{settings.group_size}-{blocks}"
+def file_stem(config) -> str:
+    model = Path(config.model).name or "model"
+    blocks = "all" if config.max_blocks is None else f"b{config.max_blocks}"
+    return f"{model}-{config.method}-w{config.bits}g{config.group_size}-{blocks}"
+
+
+def connect_cancel(button, session, status):
+    """A Cancel button: stops this page's run, if any (never queued behind it)."""
+    button.click(lambda sess: message_html("cancelling...", "warn") if sess.cancel()
+                 else message_html("nothing is running", "info"), session, status, show_progress="hidden",
+                 concurrency_limit=None)

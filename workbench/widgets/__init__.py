@@ -9,14 +9,14 @@ Each widget is an ``ipywidgets.VBox`` to display, with a ``run(wait=True)`` for 
     w.run()                # or press Run
 """
 from .attention import AttentionExplorer
+from ..workspace import Outcome
 from .common import LiveFigure, SettingsForm, fast_mode, forget_models, full_precision, genie_settings, \
     notebook_settings
 from .compare import CompareWidget
 from .genie import GenieGallery
-from .measure import Outcome, quantize_and_measure, spectra_of
 from .quantize import QuantizeWidget
 from .spectra import SpectrumExplorer
 
 __all__ = ["QuantizeWidget", "CompareWidget", "SpectrumExplorer", "AttentionExplorer", "GenieGallery",
-           "LiveFigure", "SettingsForm", "Outcome", "quantize_and_measure", "spectra_of", "notebook_settings",
+           "LiveFigure", "SettingsForm", "Outcome", "notebook_settings",
            "genie_settings", "fast_mode", "full_precision", "forget_models"]

@@ -4,17 +4,18 @@ from __future__ import annotations
 import ipywidgets as W
 import pandas as pd
 
+from .. import workspace
 from ..diagnostics import Reconstruction, Spectra
 from ..figures import attention_heatmap, block_attention_figure, empty_figure, head_spectra_figure
-from .common import LiveFigure, Runner, SettingsForm, table_html
-from .measure import Outcome
+from ..workspace import Outcome
+from .common import LiveFigure, RunWidget, SettingsForm, table_html, shown_figure
 
 READINGS = (("after o_proj", "after_o"), ("before o_proj", "before_o"),
             ("after o_proj, propagated", "after_o_propagated"), ("before o_proj, propagated", "before_o_propagated"))
 HEATMAP = "Attention error per head on held-out text"
 
 
-class AttentionExplorer(W.VBox):
+class AttentionExplorer(RunWidget):
     """Quantize a copy with one method, measure every head on held-out windows, and browse.
 
     ``figure``: the block x head heatmap (a click on a cell selects it when figure widgets are
@@ -25,13 +26,13 @@ class AttentionExplorer(W.VBox):
     ``AttentionExplorer.from_outcome(compare.outcomes["boa"])`` browses a finished run.
     """
 
+    run_label = "Measure"
+
     def __init__(self, reconstruction: Reconstruction | None = None, spectra: Spectra | None = None,
                  use_figure_widget: bool | None = None, **settings):
         self.form = SettingsForm(**settings)
-        self.runner = Runner()
+        self._setup_runner()
         self.with_spectra = W.Checkbox(value=True, description="also the per-head spectra")
-        self.run_button = W.Button(description="Measure", button_style="primary", icon="play")
-        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
         self.reading = W.Dropdown(options=READINGS, value="after_o", description="reading")
         self.block = W.Dropdown(options=[], description="block")
         self.head = W.Dropdown(options=[], description="head")
@@ -43,15 +44,11 @@ class AttentionExplorer(W.VBox):
         self.reconstruction: Reconstruction | None = None
         self.spectra: Spectra | None = spectra
         self.selected: tuple[int, int] | None = None
-        self.run_button.on_click(lambda _: self._click_run())
-        self.cancel_button.on_click(lambda _: self.runner.cancel())
         self.reading.observe(lambda _: self._draw_heatmap(), names="value")
         self.block.observe(lambda _: self._pick(), names="value")
         self.head.observe(lambda _: self._pick(), names="value")
         self._busy = False
-        super().__init__([self.form, W.HBox([self.run_button, self.cancel_button, self.with_spectra,
-                                             self.runner.progress]),
-                          self.runner.status, self.reading, self.heatmap.widget,
+        super().__init__([self.form, self.buttons(self.with_spectra), self.runner.status, self.reading, self.heatmap.widget,
                           W.HBox([self.block, self.head]), self.cell,
                           W.HBox([self.detail.widget, self.head_spectrum.widget])])
         if reconstruction is not None:
@@ -66,35 +63,16 @@ class AttentionExplorer(W.VBox):
         w._loaded((outcome, outcome.reconstruction, spectra))
         return w
 
-    @property
-    def figure(self):
-        return self.heatmap.figure
-
-    @property
-    def head_figure(self):
-        return self.detail.figure
-
-    @property
-    def head_spectrum_figure(self):
-        return self.head_spectrum.figure
+    figure = shown_figure("heatmap")
+    head_figure = shown_figure("detail")
+    head_spectrum_figure = shown_figure("head_spectrum")
 
     @property
     def heads(self) -> pd.DataFrame | None:
         return None if self.reconstruction is None else self.reconstruction.heads
 
-    @property
-    def state(self) -> str:
-        return self.runner.state
-
-    def _click_run(self):
-        try:
-            self.run(wait=False)
-        except Exception as exc:
-            self.runner.say(str(exc), "error")
-
     def run(self, wait: bool = True, spectra: bool | None = None, **settings):
         self.runner.check_idle()
-        from .measure import quantize_and_measure, spectra_of
         if settings:
             self.form.set(**settings)
         if spectra is not None:
@@ -103,23 +81,22 @@ class AttentionExplorer(W.VBox):
         want_spectra = self.with_spectra.value
 
         def on_event(ev):
-            if ev.kind == "layer_finished":
+            if ev.kind == "phase":
+                self.runner.say(ev.message)
+            elif ev.kind == "layer_finished":
                 self.runner.set_progress(ev.index, ev.total)
                 self.runner.say(f"{cfg.method}: {ev.index}/{ev.total} layers")
 
         def work(cancel):
-            outcome = quantize_and_measure(cfg, on_event, cancel)
+            outcome = workspace.run(cfg, on_event=on_event, cancel=cancel)
             spec = None
             if want_spectra:
                 self.runner.say("per-head spectra of the full-precision model")
-                spec = spectra_of(cfg, cancel=cancel)
+                spec = workspace.spectra(cfg, cancel=cancel)
             return outcome, outcome.reconstruction, spec
 
         self.runner.start(work, self._loaded, f"loading {cfg.model}")
-        if wait:
-            self.runner.wait()
-            return self.reconstruction
-        return None
+        return self._finish(wait, lambda: self.reconstruction)
 
     def _loaded(self, value):
         outcome, recon, spec = value

@@ -2,7 +2,6 @@
 and a background runner with progress, status and cancel."""
 from __future__ import annotations
 
-import dataclasses
 import html
 import os
 import threading
@@ -12,18 +11,17 @@ from typing import Callable
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from ..api import QuantizeConfig
-from ..data import CachingTokenizer
-from ..diagnostics import frozen_copy
-from ..errors import Cancelled, WorkbenchError
-from ..methods import METHODS
-from ..models.loading import DEFAULT_MODEL, LoadedModel, load_model
+from .. import workspace
+from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
+from ..errors import WorkbenchError
+from ..jobs import Job, Message
+from ..models.loading import DEFAULT_MODEL, LoadedModel
+from ..settings import METHOD_DEFAULT, Setting
 
 FAST_ENV = "WORKBENCH_FAST"
 MODEL_ENV = "WORKBENCH_NOTEBOOK_MODEL"
 FIGURE_WIDGETS_ENV = "WORKBENCH_FIGURE_WIDGETS"
-GROUP_SIZES = [32, 64, 192, -1]
-CALIB_SOURCES = ["wikitext2"]
+FACE = "widgets"
 
 
 def fast_mode() -> bool:
@@ -57,43 +55,15 @@ def genie_settings(**overrides) -> dict:
     return s
 
 
-# -- models -----------------------------------------------------------------------------------
-_MODELS: dict[str, LoadedModel] = {}
-_MODELS_LOCK = threading.Lock()
-
-
+# -- models (the workspace's cache, shared with everything else in the process) ---------------
 def full_precision(model: str) -> LoadedModel:
-    """The full-precision model, loaded once per process and never modified (runs take copies).
-
-    Walking it (spectra, reconstruction) briefly swaps its first block, so callers hold
-    ``model_lock(model)`` while they do.
-    """
-    with _MODELS_LOCK:
-        if model not in _MODELS:
-            loaded = load_model(model)
-            _MODELS[model] = dataclasses.replace(loaded, tokenizer=CachingTokenizer(loaded.tokenizer))
-        return _MODELS[model]
-
-
-_WALK_LOCKS: dict[str, threading.Lock] = {}
-
-
-def model_lock(model: str) -> threading.Lock:
-    with _MODELS_LOCK:
-        return _WALK_LOCKS.setdefault(model, threading.Lock())
-
-
-def working_copy(model: str) -> LoadedModel:
-    """A private copy of the full-precision model for a run to quantize in place."""
-    fp = full_precision(model)
-    with model_lock(model):
-        return dataclasses.replace(fp, model=frozen_copy(fp.model))
+    """The full-precision model, loaded once per process and never modified (runs take copies)."""
+    return workspace.MODELS.get(model).private()
 
 
 def forget_models():
     """Drop the cached models (frees memory)."""
-    with _MODELS_LOCK:
-        _MODELS.clear()
+    workspace.MODELS.clear()
 
 
 # -- live figures ----------------------------------------------------------------------------
@@ -110,6 +80,11 @@ def figure_widgets_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def shown_figure(attribute: str, doc: str = "") -> property:
+    """A property for the figure that the ``LiveFigure`` in ``attribute`` shows now."""
+    return property(lambda self: getattr(self, attribute).figure, doc=doc or f"the figure of ``{attribute}``")
 
 
 class LiveFigure:
@@ -173,68 +148,79 @@ def table_html(frame, digits: int = 4, max_rows: int = 60) -> str:
 
 
 # -- the settings form ---------------------------------------------------------------------
+MAIN_ROWS = (("model", "method"), ("bits", "group_size", "calib"),
+             ("calib_samples", "seqlen", "max_blocks", "eval_windows"))
+STYLE = {"description_width": "130px"}
+
+
+def setting_widget(s: Setting, value) -> W.ValueWidget:
+    """The ipywidget for one setting. Numbers are text boxes so that the one validation, not the
+    widget, decides what a bad value gets (a bounded box would clamp it silently)."""
+    shown = s.form_value(value)
+    kw = dict(description=s.label, style=STYLE, description_allow_html=False)
+    if s.kind is bool and s.optional:
+        return W.Dropdown(options=[METHOD_DEFAULT, "on", "off"], value=shown, **kw)
+    if s.kind is bool:
+        return W.Checkbox(value=bool(value), **kw)
+    if s.choices:
+        return W.Dropdown(options=([METHOD_DEFAULT] if s.optional else []) + list(s.choices), value=shown, **kw)
+    if s.slider:
+        return W.IntSlider(value=shown, min=int(s.low), max=int(s.high), step=int(s.step or 1), **kw)
+    text = "" if shown is None else str(shown)
+    if s.suggestions:
+        return W.Combobox(value=text, options=[str(o) for o in s.suggestions], ensure_option=False, **kw)
+    return W.Text(value=text, placeholder=s.none_means if s.optional else "", **kw)
+
+
 class SettingsForm(W.VBox):
-    """Model, method, bits, group size and calibration, as widgets; ``config()`` makes the
-    ``QuantizeConfig`` (other fields come from ``base``)."""
+    """Every setting as a widget, derived from the declarations; ``config()`` makes the
+    ``QuantizeConfig`` through the one validation (messages name the field labels).
+
+    The model, method, grid and data sit on top, the rest under "more settings".
+    """
 
     def __init__(self, base: dict | None = None, methods: bool = True, **values):
-        base = {**notebook_settings(), **(base or {}), **values}
-        known = {f.name for f in dataclasses.fields(QuantizeConfig)}
-        unknown = set(base) - known
+        start = {**notebook_settings(), **(base or {}), **values}
+        unknown = set(start) - set(SETTINGS)
         if unknown:
             raise WorkbenchError(f"unknown settings: {', '.join(sorted(unknown))}")
-        self.base = base
-        style = {"description_width": "110px"}
-        self.model = W.Text(value=str(base.get("model", DEFAULT_MODEL)), description="model", style=style,
-                            layout=W.Layout(width="420px"))
-        self.method = W.Dropdown(options=list(METHODS), value=base.get("method", "gptq"), description="method",
-                                 style=style)
-        self.bits = W.IntSlider(value=base.get("bits", 4), min=2, max=8, description="bits", style=style)
-        sizes = list(GROUP_SIZES)
-        gs = base.get("group_size", 64)
-        if gs not in sizes:
-            sizes.append(gs)
-        self.group_size = W.Dropdown(options=sizes, value=gs, description="group size", style=style)
-        calib = base.get("calib", "wikitext2")
-        self.calib = W.Combobox(value=calib, options=CALIB_SOURCES, description="calibration", style=style,
-                                ensure_option=False)
-        self.calib_samples = W.BoundedIntText(value=base.get("calib_samples", 32), min=1, max=4096,
-                                              description="windows", style=style, layout=W.Layout(width="200px"))
-        self.seqlen = W.BoundedIntText(value=base.get("seqlen", 512), min=2, max=8192, description="window length",
-                                       style=style, layout=W.Layout(width="200px"))
-        self.max_blocks = W.BoundedIntText(value=base.get("max_blocks") or 0, min=0, max=1000,
-                                           description="blocks (0=all)", style=style, layout=W.Layout(width="200px"))
-        self.eval_windows = W.BoundedIntText(value=base.get("eval_windows", 40), min=-1, max=100000,
-                                             description="eval windows", style=style, layout=W.Layout(width="200px"))
-        rows = [W.HBox([self.model, self.method] if methods else [self.model]),
-                W.HBox([self.bits, self.group_size, self.calib]),
-                W.HBox([self.calib_samples, self.seqlen, self.max_blocks, self.eval_windows])]
-        super().__init__(rows)
+        values = {**DEFAULTS, **{k: SETTINGS[k].parse(v, FACE) for k, v in start.items()}}
+        shown = {n: s for n, s in SETTINGS.items() if FACE in s.faces and (methods or n != "method")}
+        self.fields = {n: setting_widget(s, values[n]) for n, s in shown.items()}
+        self.method_name = values["method"]
+        top = [W.HBox([self.fields[n] for n in row if n in self.fields]) for row in MAIN_ROWS]
+        rest = [w for n, w in self.fields.items() if not any(n in row for row in MAIN_ROWS)]
+        more = W.Accordion(children=[W.GridBox(rest, layout=W.Layout(grid_template_columns="repeat(2, 360px)"))])
+        more.set_title(0, "more settings")
+        super().__init__(top + [more])
+
+    def __getattr__(self, name):
+        fields = self.__dict__.get("fields", {})
+        if name in fields:
+            return fields[name]
+        raise AttributeError(name)
+
+    def values(self) -> dict:
+        return {n: w.value for n, w in self.fields.items()}
 
     def set(self, **values):
-        """Set form fields by name, e.g. ``form.set(bits=3, group_size=32)``."""
+        """Set fields by name, e.g. ``form.set(bits=3, group_size=32)``; each value is checked first."""
         for k, v in values.items():
-            if k == "max_blocks":
-                v = v or 0
-            if not isinstance(getattr(self, k, None), W.ValueWidget):
-                raise WorkbenchError(f"the form has no field {k!r}")
-            w = getattr(self, k)
-            low, high = getattr(w, "min", None), getattr(w, "max", None)
-            if low is not None and not low <= v <= high:   # a slider would clamp silently
-                raise WorkbenchError(f"{k} must be from {low} to {high}, got {v!r}")
-            if isinstance(w, W.Dropdown) and v not in [o[1] if isinstance(o, tuple) else o for o in w.options]:
-                w.options = list(w.options) + [v]          # e.g. a group size not in the list
-            w.value = v
+            if k not in self.fields:
+                raise WorkbenchError(f"the form has no field {k!r}; fields: {', '.join(self.fields)}")
+            s = SETTINGS[k]
+            shown = s.form_value(s.parse(v, FACE))
+            w = self.fields[k]
+            if isinstance(w, W.Dropdown) and shown not in w.options:
+                w.options = list(w.options) + [shown]
+            w.value = shown if isinstance(w, (W.Dropdown, W.Checkbox, W.IntSlider)) else \
+                ("" if shown is None else str(shown))
 
     def config(self, method: str | None = None) -> QuantizeConfig:
-        values = dict(self.base)
-        values.update(model=self.model.value.strip(), method=method or self.method.value, bits=self.bits.value,
-                      group_size=self.group_size.value, calib=self.calib.value.strip(),
-                      calib_samples=self.calib_samples.value, seqlen=self.seqlen.value,
-                      max_blocks=self.max_blocks.value or None, eval_windows=self.eval_windows.value)
-        cfg = QuantizeConfig(**values)
-        cfg.validate()
-        return cfg
+        """The config of ``method`` (default: the form's); fields that do not apply to it are left out."""
+        values = self.values()
+        chosen = method or values.get("method", self.method_name)
+        return for_method(values, chosen, FACE)
 
 
 # -- background runs -------------------------------------------------------------------------
@@ -245,26 +231,32 @@ def error_line(exc: BaseException) -> str:
 
 
 class Runner:
-    """One background run at a time, with a progress bar, a status line and cancel.
+    """One background run at a time (a ``jobs.Job``), with a progress bar, a status line and cancel.
 
-    ``start(work)`` runs ``work(cancel)`` on a thread; ``wait()`` joins it. ``state`` is idle,
-    running, done, cancelled or error; ``error`` holds the exception of a failed run.
+    ``start(work, on_done)`` runs ``work(cancel)`` and then ``on_done(value)`` on the worker
+    thread; ``wait()`` joins it. ``state`` is idle, running, done, cancelled or error; ``error``
+    holds the exception of a failed run.
     """
 
     def __init__(self):
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", bar_style="info",
                                       layout=W.Layout(width="420px"))
         self.status = W.HTML(value="")
-        self.state = "idle"
+        self.job: Job | None = None
+        self._state = "idle"
         self.error: BaseException | None = None
-        self.cancel_event = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.started = 0.0
-        self.seconds = 0.0
+
+    @property
+    def state(self) -> str:
+        return self._state
 
     @property
     def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.job is not None and self.job.running
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.job is None else self.job.seconds
 
     def say(self, text: str, kind: str = "info"):
         color = {"info": "#1e40af", "ok": "#166534", "warn": "#92400e", "error": "#b91c1c"}[kind]
@@ -280,51 +272,98 @@ class Runner:
             raise WorkbenchError("a run is already in progress; wait for it or press Cancel")
 
     def start(self, work: Callable[[threading.Event], object], on_done: Callable[[object], None],
-              label: str = "running") -> threading.Thread:
+              label: str = "running") -> Job:
         self.check_idle()
-        self.cancel_event = threading.Event()
-        self.error, self.state, self.started = None, "running", time.perf_counter()
+        self.error, self._state = None, "running"
         self.progress.bar_style = "info"
         self.set_progress(0, 1)
         self.say(label)
-        cancel = self.cancel_event
 
-        def target():
-            try:
-                value = work(cancel)
-                self.seconds = time.perf_counter() - self.started
-                on_done(value)
-                self.state = "done"
+        def finished(msg: Message):
+            if msg.kind == "result":
+                try:
+                    on_done(msg.payload)
+                except Exception as exc:   # drawing the result failed: the run counts as failed
+                    self._failed(exc)
+                    return
+                self._state = "done"
                 self.progress.bar_style = "success"
                 self.progress.value = self.progress.max
-                self.say(f"done in {self.seconds:.1f} s", "ok")
-            except Cancelled:
-                self.state = "cancelled"
+                self.say(f"done in {self.job.seconds:.1f} s", "ok")
+            elif msg.kind == "cancelled":
+                self._state = "cancelled"
                 self.progress.bar_style = "warning"
                 self.say("cancelled", "warn")
-            except BaseException as exc:   # shown in the status line, re-raised by run(wait=True)
-                self.error, self.state = exc, "error"
-                self.progress.bar_style = "danger"
-                self.say(error_line(exc), "error")
+            elif msg.kind == "error":
+                self._failed(msg.payload)
 
-        self.thread = threading.Thread(target=target, name="workbench-widget", daemon=True)
-        self.thread.start()
-        return self.thread
+        self.job = Job(lambda post, cancel: work(cancel), "widget", on_message=finished).start()
+        return self.job
+
+    def _failed(self, exc: BaseException):
+        self.error, self._state = exc, "error"
+        self.progress.bar_style = "danger"
+        self.say(error_line(exc), "error")
 
     def cancel(self) -> bool:
-        """Ask the run to stop (between layers); False when nothing runs."""
+        """Ask the run to stop; False when nothing runs."""
         if not self.running:
             return False
-        self.cancel_event.set()
-        self.say("cancelling after the current layer...", "warn")
+        self.job.cancel.set()
+        self.say("cancelling...", "warn")
         return True
 
     def wait(self, timeout: float | None = None, raise_error: bool = True) -> str:
-        if self.thread is not None:
-            self.thread.join(timeout)
+        if self.job is not None:
+            self.job.join(timeout)
         if raise_error and self.error is not None:
             raise self.error
         return self.state
+
+
+class RunWidget(W.VBox):
+    """A widget with a form-driven run: Run and Cancel buttons, a ``Runner``, ``state``, ``wait``.
+
+    Subclasses define ``run(wait=True, **settings)`` and lay themselves out with ``buttons()``.
+    """
+
+    run_label = "Run"
+
+    def _setup_runner(self):
+        self.runner = Runner()
+        self.run_button = W.Button(description=self.run_label, button_style="primary", icon="play")
+        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self.run_button.on_click(lambda _: self._click_run())
+        self.cancel_button.on_click(lambda _: self.cancel())
+
+    def buttons(self, *extra) -> W.HBox:
+        return W.HBox([self.run_button, self.cancel_button, *extra, self.runner.progress])
+
+    @property
+    def state(self) -> str:
+        return self.runner.state
+
+    def _click_run(self):
+        try:
+            self.run(wait=False)
+        except Exception as exc:
+            self.runner.say(error_line(exc), "error")
+
+    def run(self, wait: bool = True, **settings):
+        raise NotImplementedError
+
+    def cancel(self) -> bool:
+        return self.runner.cancel()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.runner.wait(timeout)
+
+    def _finish(self, wait: bool, value):
+        """After ``runner.start``: wait for the run and return ``value()``, or return None at once."""
+        if wait:
+            self.runner.wait()
+            return value()
+        return None
 
 
 class Throttle:

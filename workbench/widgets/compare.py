@@ -4,11 +4,12 @@ from __future__ import annotations
 import ipywidgets as W
 import pandas as pd
 
+from .. import workspace
 from ..figures import attention_heatmaps, empty_figure, kind_error_figure, layer_error_figure
 from ..figures.style import method_label
 from ..methods import METHODS
-from .common import LiveFigure, Runner, SettingsForm, Throttle, table_html
-from .measure import Outcome, quantize_and_measure
+from ..workspace import Outcome
+from .common import LiveFigure, RunWidget, SettingsForm, Throttle, table_html, shown_figure
 
 DEFAULT_METHODS = ("gptq", "boa", "turboboa")
 CURVES = "Relative output error per layer, one line per method"
@@ -17,7 +18,7 @@ READINGS = (("after o_proj", "after_o"), ("before o_proj", "before_o"),
             ("after o_proj, propagated", "after_o_propagated"))
 
 
-class CompareWidget(W.VBox):
+class CompareWidget(RunWidget):
     """Runs each chosen method on a private copy of the same model with the same settings.
 
     ``run()`` waits and returns ``outcomes`` (method -> ``Outcome`` with ``report``,
@@ -26,6 +27,8 @@ class CompareWidget(W.VBox):
     panel per method on a shared color scale), ``kinds_figure``; ``summary`` is a frame.
     """
 
+    run_label = "Compare"
+
     def __init__(self, methods=DEFAULT_METHODS, use_figure_widget: bool | None = None, plot_every: float = 0.5,
                  **settings):
         self.form = SettingsForm(methods=False, **settings)
@@ -33,9 +36,7 @@ class CompareWidget(W.VBox):
         self.methods = W.SelectMultiple(options=[(method_label(m), m) for m in METHODS], value=tuple(methods),
                                         description="methods", rows=len(METHODS))
         self.reading = W.Dropdown(options=READINGS, value="after_o", description="attention")
-        self.runner = Runner()
-        self.run_button = W.Button(description="Compare", button_style="primary", icon="play")
-        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self._setup_runner()
         self.curves = LiveFigure(empty_figure(CURVES, "press Compare"), use_figure_widget)
         self.kinds = LiveFigure(empty_figure("Mean error by layer kind", "after the first method"),
                                 use_figure_widget)
@@ -43,29 +44,15 @@ class CompareWidget(W.VBox):
         self.table = W.HTML()
         self.outcomes: dict[str, Outcome] = {}
         self.live: list[dict] = []
-        self.run_button.on_click(lambda _: self._click_run())
-        self.cancel_button.on_click(lambda _: self.cancel())
         self.reading.observe(lambda _: self._draw_heatmaps(), names="value")
         super().__init__([self.form, W.HBox([self.methods, W.VBox([W.HBox([self.run_button, self.cancel_button]),
                                                                     self.runner.progress])]),
                           self.runner.status, self.table, self.curves.widget, self.reading, self.heatmaps.widget,
                           self.kinds.widget])
 
-    @property
-    def figure(self):
-        return self.curves.figure
-
-    @property
-    def heatmaps_figure(self):
-        return self.heatmaps.figure
-
-    @property
-    def kinds_figure(self):
-        return self.kinds.figure
-
-    @property
-    def state(self) -> str:
-        return self.runner.state
+    figure = shown_figure("curves")
+    heatmaps_figure = shown_figure("heatmaps")
+    kinds_figure = shown_figure("kinds")
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -81,12 +68,6 @@ class CompareWidget(W.VBox):
     def heads(self, method: str) -> pd.DataFrame:
         """Per-head held-out attention errors of one method (block, head, before_o, after_o...)."""
         return self.outcomes[method].reconstruction.heads
-
-    def _click_run(self):
-        try:
-            self.run(wait=False)
-        except Exception as exc:
-            self.runner.say(str(exc), "error")
 
     def run(self, wait: bool = True, methods=None, **settings) -> dict[str, Outcome] | None:
         self.runner.check_idle()
@@ -107,6 +88,8 @@ class CompareWidget(W.VBox):
 
         def on_event(method):
             def handle(ev):
+                if ev.kind == "phase":
+                    self.runner.say(ev.message)
                 if ev.kind != "layer_finished":
                     return
                 state["per_run"] = ev.total
@@ -122,7 +105,7 @@ class CompareWidget(W.VBox):
         def work(cancel):
             for m in chosen:
                 self.runner.say(f"{method_label(m)}: starting")
-                outcome = quantize_and_measure(configs[m], on_event(m), cancel)
+                outcome = workspace.run(configs[m], on_event=on_event(m), cancel=cancel)
                 self.outcomes[m] = outcome
                 self.live = [r for r in self.live if r["method"] != m]
                 state["finished"] += 1
@@ -133,10 +116,7 @@ class CompareWidget(W.VBox):
             return self.outcomes
 
         self.runner.start(work, lambda _: self._draw_curves(state["per_run"]), "comparing " + ", ".join(chosen))
-        if wait:
-            self.runner.wait()
-            return self.outcomes
-        return None
+        return self._finish(wait, lambda: self.outcomes)
 
     def _draw_curves(self, per_run: int):
         frames = [o.layers[["method", "name", "block", "kind", "rel_error"]] for o in self.outcomes.values()]
@@ -153,9 +133,3 @@ class CompareWidget(W.VBox):
         value = self.reading.value
         self.heatmaps.show(attention_heatmaps({m: o.reconstruction.heads for m, o in self.outcomes.items()}, value,
                                               title=f"{HEATMAPS}, {value}"))
-
-    def cancel(self) -> bool:
-        return self.runner.cancel()
-
-    def wait(self, timeout: float | None = None) -> str:
-        return self.runner.wait(timeout)

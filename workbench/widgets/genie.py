@@ -16,7 +16,7 @@ from ..genie.model import load_default_model
 from ..genie.qlayers import find_units
 from ..genie.pipeline import DATA_SOURCES, GenieRunConfig, calibration_images
 from ..genie.quantize import quantize_model
-from .common import LiveFigure, Runner, genie_settings
+from .common import LiveFigure, RunWidget, error_line, genie_settings, shown_figure
 
 _DIGITS: dict = {}
 _DIGITS_LOCK = threading.Lock()
@@ -38,11 +38,13 @@ def digits(weights: str | None = None):
         return _DIGITS[key]
 
 
-class GenieGallery(W.VBox):
+class GenieGallery(RunWidget):
     """``synthesize()`` distills calibration images (``images``, shown in ``gallery_figure``);
     ``quantize()`` quantizes the CNN on them and adds a row to ``rows`` (shown in
     ``figure``, the accuracy table); ``run()`` does both. All take ``wait=True``.
     """
+
+    run_label = "Quantize"
 
     def __init__(self, show: int = 32, use_figure_widget: bool | None = None, **settings):
         s = {**genie_settings(), **settings}
@@ -64,10 +66,8 @@ class GenieGallery(W.VBox):
         self.iters = W.BoundedIntText(value=base.iters, min=0, max=100000, description="steps per block",
                                       style=style, layout=W.Layout(width="200px"))
         self.show_count = show
-        self.runner = Runner()
+        self._setup_runner()
         self.synth_button = W.Button(description="Synthesize", button_style="info", icon="image")
-        self.quant_button = W.Button(description="Quantize", button_style="primary", icon="play")
-        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
         self.gallery = LiveFigure(empty_figure("Calibration images", "press Synthesize", height=300),
                                   use_figure_widget)
         self.table = LiveFigure(empty_figure("Top-1 accuracy (%)", "press Quantize", height=300), use_figure_widget)
@@ -76,24 +76,13 @@ class GenieGallery(W.VBox):
         self.rows: list[dict] = []
         self.last_units: list = []
         self.synth_button.on_click(lambda _: self._click(self.synthesize))
-        self.quant_button.on_click(lambda _: self._click(self.quantize))
-        self.cancel_button.on_click(lambda _: self.runner.cancel())
         super().__init__([W.HBox([self.data, self.samples, self.steps]),
                           W.HBox([self.weight_bits, self.act_bits, self.method, self.iters]),
-                          W.HBox([self.synth_button, self.quant_button, self.cancel_button, self.runner.progress]),
+                          W.HBox([self.synth_button, self.buttons()]),
                           self.runner.status, self.gallery.widget, self.table.widget])
 
-    @property
-    def figure(self):
-        return self.table.figure
-
-    @property
-    def gallery_figure(self):
-        return self.gallery.figure
-
-    @property
-    def state(self) -> str:
-        return self.runner.state
+    figure = shown_figure("table")
+    gallery_figure = shown_figure("gallery")
 
     def config(self) -> GenieRunConfig:
         return dataclasses.replace(self.base, data=self.data.value, samples=self.samples.value,
@@ -115,7 +104,7 @@ class GenieGallery(W.VBox):
         try:
             action(wait=False)
         except Exception as exc:
-            self.runner.say(str(exc), "error")
+            self.runner.say(error_line(exc), "error")
 
     # -- the two steps ---------------------------------------------------------------------
     def _distill(self, cfg: GenieRunConfig, cancel):
@@ -177,10 +166,7 @@ class GenieGallery(W.VBox):
         cfg = self.config()
         self.runner.start(lambda cancel: (self._distill(cfg, cancel), cfg.data),
                           lambda value: self._show_images(*value), "loading the digits model")
-        if wait:
-            self.runner.wait()
-            return self.images
-        return None
+        return self._finish(wait, lambda: self.images)
 
     def quantize(self, wait: bool = True, **settings):
         """Quantize on the current images (synthesized first if there are none or the source changed)."""
@@ -196,10 +182,7 @@ class GenieGallery(W.VBox):
             return self._quantize(cfg, images, cancel)
 
         self.runner.start(work, self._add_row, "quantizing")
-        if wait:
-            self.runner.wait()
-            return self.rows[-1] if self.rows and self.runner.state == "done" else None
-        return None
+        return self._finish(wait, lambda: self.rows[-1] if self.rows and self.runner.state == "done" else None)
 
     def run(self, wait: bool = True, **settings):
         """Synthesize (if needed) and quantize; the new accuracy row when ``wait``."""

@@ -4,15 +4,16 @@ from __future__ import annotations
 import ipywidgets as W
 import pandas as pd
 
-from ..api import QuantizeResult, quantize
+from .. import workspace
+from ..api import QuantizeResult
 from ..figures import empty_figure, kind_error_figure, progress_figure
 from ..figures.layers import layer_error_figure
-from .common import LiveFigure, Runner, SettingsForm, Throttle, table_html, working_copy
+from .common import LiveFigure, RunWidget, SettingsForm, Throttle, table_html, shown_figure
 
 CURVE_TITLE = "Relative output error per layer"
 
 
-class QuantizeWidget(W.VBox):
+class QuantizeWidget(RunWidget):
     """Form, Run and Cancel, a progress bar, the live per-layer error curve and the report.
 
     Programmatic use::
@@ -28,9 +29,7 @@ class QuantizeWidget(W.VBox):
     def __init__(self, use_figure_widget: bool | None = None, plot_every: float = 0.3, **settings):
         self.form = SettingsForm(**settings)
         self.plot_every = plot_every
-        self.runner = Runner()
-        self.run_button = W.Button(description="Run", button_style="primary", icon="play")
-        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self._setup_runner()
         self.curve = LiveFigure(empty_figure(CURVE_TITLE, "press Run"), use_figure_widget)
         self.kinds = LiveFigure(empty_figure("Mean error by layer kind", "after the run"), use_figure_widget)
         self.summary = W.HTML()
@@ -39,20 +38,12 @@ class QuantizeWidget(W.VBox):
         self.events: list = []
         self.live: list[dict] = []
         self.total = 0
-        self.run_button.on_click(lambda _: self._click_run())
-        self.cancel_button.on_click(lambda _: self.cancel())
-        super().__init__([self.form, W.HBox([self.run_button, self.cancel_button, self.runner.progress]),
-                          self.runner.status, self.curve.widget, self.summary,
+        super().__init__([self.form, self.buttons(), self.runner.status, self.curve.widget, self.summary,
                           W.HBox([self.kinds.widget, self.table])])
 
     # -- what tests and notebooks read ----------------------------------------------------
-    @property
-    def figure(self):
-        return self.curve.figure
-
-    @property
-    def kinds_figure(self):
-        return self.kinds.figure
+    figure = shown_figure("curve")
+    kinds_figure = shown_figure("kinds")
 
     @property
     def report(self):
@@ -62,17 +53,7 @@ class QuantizeWidget(W.VBox):
     def frame(self) -> pd.DataFrame | None:
         return None if self.result is None else self.result.report.to_frame()
 
-    @property
-    def state(self) -> str:
-        return self.runner.state
-
     # -- running -------------------------------------------------------------------------------
-    def _click_run(self):
-        try:
-            self.run(wait=False)
-        except Exception as exc:
-            self.runner.say(str(exc), "error")
-
     def run(self, wait: bool = True, **settings) -> QuantizeResult | None:
         """Quantize with the form's settings (``settings`` set form fields first)."""
         self.runner.check_idle()
@@ -84,6 +65,9 @@ class QuantizeWidget(W.VBox):
         self.curve.show(empty_figure(CURVE_TITLE, f"loading {cfg.model}"))
 
         def on_event(ev):
+            if ev.kind == "phase":
+                self.runner.say(ev.message)
+                return
             self.events.append(ev)
             self.total = ev.total or self.total
             if ev.kind == "layer_finished":
@@ -97,15 +81,9 @@ class QuantizeWidget(W.VBox):
                 self.runner.set_progress(0, ev.total)
                 self.runner.say(f"{cfg.method}: calibrating")
 
-        def work(cancel):
-            loaded = working_copy(cfg.model)
-            return quantize(cfg, loaded=loaded, on_event=on_event, cancel=cancel)
-
-        self.runner.start(work, self._finished, f"loading {cfg.model}")
-        if wait:
-            self.runner.wait()
-            return self.result
-        return None
+        self.runner.start(lambda cancel: workspace.quantize_copy(cfg, on_event=on_event, cancel=cancel),
+                          self._finished, f"loading {cfg.model}")
+        return self._finish(wait, lambda: self.result)
 
     def _draw_live(self):
         self.curve.show(progress_figure(pd.DataFrame(self.live), self.total))
@@ -120,11 +98,6 @@ class QuantizeWidget(W.VBox):
         cols = [c for c in ("name", "rel_error", "attn_rel_error", "loss", "seconds") if c in frame.columns]
         self.table.value = table_html(frame.sort_values("rel_error", ascending=False)[cols].head(8))
 
-    def cancel(self) -> bool:
-        return self.runner.cancel()
-
-    def wait(self, timeout: float | None = None) -> str:
-        return self.runner.wait(timeout)
 
 
 def summary_html(report) -> str:

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import ipywidgets as W
 
+from .. import workspace
 from ..diagnostics import Spectra
 from ..figures import condition_heatmap, empty_figure, head_spectra_figure, spectrum_figure
-from .common import LiveFigure, Runner, SettingsForm
+from .common import LiveFigure, RunWidget, SettingsForm, shown_figure
 
 FACTORS = (("q: H_out per query head", "q"), ("k: H_out per KV head", "k"), ("v: H_in per KV head", "v"))
 SUMMARIES = (("condition number", "condition"), ("condition (damped)", "condition_damped"),
              ("effective rank", "effective_rank"), ("top-1% share", "top1_share"))
 
 
-class SpectrumExplorer(W.VBox):
+class SpectrumExplorer(RunWidget):
     """``run()`` accumulates the Hessians of the full-precision model (as the engine would on
     the same calibration windows); ``select(layer, factor)`` then shows that layer's ``H_in``
     spectrum (``figure``) and the per-head spectra of its block's q/k ``H_out`` or v ``H_in``
@@ -20,11 +21,11 @@ class SpectrumExplorer(W.VBox):
     ``spectra`` holds the frames (``workbench.diagnostics.Spectra``).
     """
 
+    run_label = "Compute spectra"
+
     def __init__(self, spectra: Spectra | None = None, use_figure_widget: bool | None = None, **settings):
         self.form = SettingsForm(methods=False, **settings)
-        self.runner = Runner()
-        self.run_button = W.Button(description="Compute spectra", button_style="primary", icon="play")
-        self.cancel_button = W.Button(description="Cancel", button_style="warning", icon="stop")
+        self._setup_runner()
         self.layer = W.Dropdown(options=[], description="layer", layout=W.Layout(width="460px"))
         self.factor = W.ToggleButtons(options=FACTORS, value="q", description="per head")
         self.normalize = W.Checkbox(value=False, description="divide by the largest eigenvalue")
@@ -34,61 +35,39 @@ class SpectrumExplorer(W.VBox):
         self.condition = LiveFigure(empty_figure("Condition number across layers", "press Compute spectra"),
                                     use_figure_widget)
         self.spectra: Spectra | None = None
-        self.run_button.on_click(lambda _: self._click_run())
-        self.cancel_button.on_click(lambda _: self.runner.cancel())
         for w in (self.layer, self.factor, self.normalize):
             w.observe(lambda _: self._draw_layer(), names="value")
         self.summary_pick.observe(lambda _: self._draw_condition(), names="value")
-        super().__init__([self.form, W.HBox([self.run_button, self.cancel_button, self.runner.progress]),
-                          self.runner.status, W.HBox([self.layer, self.normalize]), self.factor,
+        super().__init__([self.form, self.buttons(), self.runner.status, W.HBox([self.layer, self.normalize]), self.factor,
                           W.HBox([self.spectrum.widget, self.heads.widget]), self.summary_pick,
                           self.condition.widget])
         if spectra is not None:
             self._loaded(spectra)
 
-    @property
-    def figure(self):
-        return self.spectrum.figure
-
-    @property
-    def heads_figure(self):
-        return self.heads.figure
-
-    @property
-    def condition_figure(self):
-        return self.condition.figure
-
-    @property
-    def state(self) -> str:
-        return self.runner.state
+    figure = shown_figure("spectrum")
+    heads_figure = shown_figure("heads")
+    condition_figure = shown_figure("condition")
 
     @property
     def layers(self) -> list[str]:
         return list(self.layer.options)
 
-    def _click_run(self):
-        try:
-            self.run(wait=False)
-        except Exception as exc:
-            self.runner.say(str(exc), "error")
-
     def run(self, wait: bool = True, **settings) -> Spectra | None:
         self.runner.check_idle()
-        from .measure import spectra_of
         if settings:
             self.form.set(**settings)
         cfg = self.form.config("gptq")
 
-        def on_block(b, total):
-            self.runner.set_progress(b + 1, total)
-            self.runner.say(f"block {b + 1}/{total}")
+        def on_event(ev):
+            if ev.kind == "phase":
+                self.runner.say(ev.message)
+            else:
+                self.runner.set_progress(ev.index, ev.total)
+                self.runner.say(f"block {ev.index}/{ev.total}")
 
-        self.runner.start(lambda cancel: spectra_of(cfg, on_block, cancel), self._loaded,
+        self.runner.start(lambda cancel: workspace.spectra(cfg, on_event=on_event, cancel=cancel), self._loaded,
                           f"loading {cfg.model} and accumulating Hessians")
-        if wait:
-            self.runner.wait()
-            return self.spectra
-        return None
+        return self._finish(wait, lambda: self.spectra)
 
     def _loaded(self, spectra: Spectra):
         self.spectra = spectra

@@ -18,53 +18,18 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .errors import WorkbenchError
-from .quant.compiled import kernel
-from .quant.grid import GridConfig
-from .quant.rounding import LearnedRounding, RoundingConfig, optimize_rounding
-from .quant.solver import SolveResult, SolverConfig, kronecker_loss, solve
-
-INITS = ("rtn", "gptq", "boa")
-
-
-@dataclass(frozen=True)
-class LearnedOptions:
-    """Options of the learned-rounding methods (aespa, brecq)."""
-    iters: int = 200
-    # Adam on V. From given codes (GPTQ's, BoA's) on SmolLM2-135M block 1 at W3 g64, 100 steps:
-    # lr 1e-2 with h starting 0.3 inside its ends began 30x above the start on the moment loss and
-    # ended above it on every layer; lr 0.1, margin 0.05 and regularizer 1e-3 end 1-8% below it
-    lr: float = 0.1
-    # starting rounding, aespa only: rtn, gptq or boa. On SmolLM2-135M block 0 at W3 g64 (300
-    # steps) learning from round to nearest ends 4-15x above the BoA codes on the same moment loss
-    # (v: 0.015 vs 0.0011 relative), so aespa learns around a solver's codes. From GPTQ's, two
-    # blocks at W3 g64 (100 steps) gave perplexity 30.62 against 30.76 from BoA's, in less time
-    init: str = "gptq"
-    init_margin: float = 0.05      # h starts this far inside {0, 1} at the starting codes
-    reg_weight: float = 1e-3
-    keep_better: bool = True       # aespa: keep the starting rounding if learning ends worse on the loss
-    seed: int = 0                  # brecq: order of the calibration batches
-
-    def __post_init__(self):
-        if not 0 < self.init_margin < 0.5:
-            raise WorkbenchError(f"the starting margin must be in (0, 0.5), got {self.init_margin}")
-        if self.init not in INITS:
-            raise WorkbenchError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        self.rounding()   # raises on bad iterations / learning rate
-
-    def rounding(self) -> RoundingConfig:
-        return RoundingConfig(iters=self.iters, lr=self.lr, reg_weight=self.reg_weight)
-
-
-@dataclass
-class LearnedSolveResult(SolveResult):
-    extra: dict = field(default_factory=dict)   # per-layer measures for the report
-
+from ..engine import LayerProblem
+from ..quant.compiled import kernel
+from ..quant.grid import GridConfig
+from ..quant.rounding import LearnedRounding, optimize_rounding
+from ..quant.solver import SolveResult, SolverConfig, kronecker_loss, solve
+from ..quant.weight import from_codes
+from .layerwise import GPTQ_SOLVER
+from .learned import LearnedOptions
 
 def as_heads(W: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
     """``W [d_out, d_in]`` as ``[B, d_out / B, d_in]`` for ``B`` heads (1 without head factors)."""
@@ -148,7 +113,7 @@ def _as_csr(m: torch.Tensor) -> torch.Tensor:
 
 
 def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig, solver: SolverConfig,
-                opts: LearnedOptions, check: Callable[[], None] | None = None) -> LearnedSolveResult:
+                opts: LearnedOptions, check: Callable[[], None] | None = None) -> SolveResult:
     """Learned rounding of one layer on its (attention-aware) Kronecker loss.
 
     ``H``: the layer's input covariance; ``stats``: ``H_in``/``H_out`` overrides for q/k/v (from
@@ -161,9 +126,8 @@ def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig,
     H_out = None if H_out is None else H_out.float()
     loss_fn = MomentLoss(W32, H_in, H_out)
     start = None
-    if opts.init == "gptq":
-        from .methods import method_spec   # the gptq method's own solver settings (act-order...)
-        gptq = dataclasses.replace(method_spec("gptq").solver, damp=solver.damp, block_size=solver.block_size)
+    if opts.init == "gptq":   # the gptq method's own solver settings (act-order...)
+        gptq = dataclasses.replace(GPTQ_SOLVER, damp=solver.damp, block_size=solver.block_size)
         start = solve(W32, H, grid, gptq)
     elif opts.init == "boa":
         start = solve(W32, H_in, grid, solver, H_out=H_out, cross_H=None if H_in is H else H)
@@ -181,17 +145,18 @@ def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig,
     kept = "learned"
     if opts.keep_better and after > before:
         kept = "start"
-        if start is None:    # round to nearest: the hard rounding of a fresh start
-            res = LearnedRounding(W32, grid).result()
-        else:
-            res.weight, res.codes = start.weight.clone(), start.codes.to(torch.int32)
-            res.scale, res.zero = start.scale.clone(), start.zero.clone()
+        # round to nearest: the hard rounding of a fresh start
+        res = LearnedRounding(W32, grid).result() if start is None else start.quantized
     norm_abs = float(kronecker_loss(as_heads(W32, H_in, H_out), H_in, H_out))
-    Q = res.weight.reshape(W32.shape)
-    loss = float(kronecker_loss(as_heads(Q - W32, H_in, H_out), H_in, H_out))
+    q = from_codes(res.codes, res.scale, res.zero, grid)
+    loss = float(kronecker_loss(as_heads(q.dequantize() - W32, H_in, H_out), H_in, H_out))
     extra = {"loss_before": before * norm_abs, "loss_after": after * norm_abs,
              "rel_loss_before": before, "rel_loss_after": after, "iters": opts.iters,
              "init": opts.init, "kept": kept, "init_seconds": init_seconds, "opt_seconds": hist.seconds}
-    return LearnedSolveResult(weight=Q, codes=res.codes.reshape(W32.shape).to(torch.uint8),
-                              scale=res.scale.reshape(W32.shape[0], -1), zero=res.zero.reshape(W32.shape[0], -1),
-                              loss=loss, extra=extra)
+    return SolveResult(q, loss, extra)
+
+
+def aespa_layer(p: LayerProblem) -> SolveResult:
+    """aespa's layer strategy: learned rounding on the layer's (attention-aware) moment loss."""
+    return aespa_solve(p.W, p.H, p.stats, p.grid, p.solver, LearnedOptions(**p.options.get("learned", {})),
+                       p.check_cancel)

@@ -1,0 +1,116 @@
+"""The same bad settings get the same message in every face: the command line (naming the flag),
+the app's Run handler and the widgets' form (naming the field label), and the API (the flag)."""
+from __future__ import annotations
+
+import pytest
+
+from workbench.config import SETTINGS, QuantizeConfig, build_config
+from workbench.errors import WorkbenchError
+
+# field, value, method it is given for, what follows the setting's name in the message
+BAD = [
+    ("calib_samples", 0, "gptq", "must be at least 1, got 0"),
+    ("bits", 9, "gptq", "must be at most 8, got 9"),
+    ("seqlen", 2.5, "gptq", "must be a whole number, got 2.5"),
+    ("group_size", 0, "gptq", "must be -1 (one grid per output channel) or a positive width, got 0"),
+    ("eval_windows", -2, "gptq", "must be at least -1, got -2"),
+    ("dx_alpha", 2, "turboboa", "must be between 0.0 and 1.0, got 2.0"),
+    ("rows_per_step", 0, "boa", "must be at least 1, got 0"),
+    ("iters", 0, "aespa", "must be at least 1, got 0"),
+    ("lr", -1, "aespa", "must be between 1e-06 and 10.0, got -1.0"),
+    ("init", "awq", "aespa", "must be one of rtn, gptq, boa, got 'awq'"),
+    ("device", "tpu", "gptq", "must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("model", " ", "gptq", "is empty; give smollm2-135m (embedded), a checkpoint directory, or a hub id"),
+    ("grid_search", "best", "gptq", "must be one of minmax, mse, got 'best'"),
+]
+IDS = [f"{f}={v!r}" for f, v, _, _ in BAD]
+
+
+def expected(field: str, face: str, body: str) -> str:
+    return f"{SETTINGS[field].who(face)} {body}"
+
+
+@pytest.mark.parametrize("field,value,method,body", BAD, ids=IDS)
+def test_command_line(tiny_checkpoints, tmp_path, capsys, field, value, method, body):
+    from workbench.cli import main
+    args = ["quantize", "--model", tiny_checkpoints["llama"], "--method", method, "--report", str(tmp_path / "r.json"),
+            "--quiet", SETTINGS[field].flag, str(value)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"workbench: error: {expected(field, 'cli', body)}"
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field,value,method,body", BAD, ids=IDS)
+def test_api(field, value, method, body):
+    with pytest.raises(WorkbenchError) as info:
+        QuantizeConfig(method=method, **{field: value}).validate()
+    assert str(info.value) == expected(field, "api", body)
+
+
+@pytest.fixture(scope="module")
+def app_form():
+    import gradio as gr
+
+    from workbench.ui.form import build_form
+    from workbench.ui.quantize_tab import build_quantize_tab
+    from workbench.ui.session import Session
+    from workbench.workspace import ModelCache
+    with gr.Blocks():
+        session = gr.State(Session)
+        form = build_form({"device": "cpu"})
+        view = build_quantize_tab(form, session, ModelCache())
+    return form, view
+
+
+@pytest.mark.parametrize("field,value,method,body", BAD, ids=IDS)
+def test_app_run_handler(app_form, field, value, method, body):
+    from workbench.ui.quantize_tab import stream_quantize
+    from workbench.ui.session import Session
+    from workbench.ui.views import message_html
+    form, view = app_form
+    values = [value if name == field else c.value for name, c in form.fields.items()]
+    first = next(stream_quantize(Session(), None, form, view, method, values))
+    assert first == {view.status: message_html(f"Invalid settings: {expected(field, 'app', body)}", "error")}
+
+
+@pytest.mark.parametrize("field,value,method,body", BAD, ids=IDS)
+def test_widgets_form(field, value, method, body):
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets import SettingsForm
+    form = SettingsForm(method=method)
+    with pytest.raises(WorkbenchError) as info:
+        form.set(**{field: value})
+    assert str(info.value) == expected(field, "widgets", body)
+    with pytest.raises(WorkbenchError) as info:          # a starting value is checked the same way
+        SettingsForm(method=method, **{field: value})
+    assert str(info.value) == expected(field, "widgets", body)
+
+
+def test_a_setting_for_another_method_is_refused_or_left_out():
+    with pytest.raises(WorkbenchError, match="^--iters applies to aespa, brecq, not gptq$"):
+        build_config({"method": "gptq", "iters": 5}, "cli")
+    with pytest.raises(WorkbenchError, match="^Value output factor applies to boa, turboboa, aespa, not rtn$"):
+        build_config({"method": "rtn", "value_output": "o_proj"}, "app")
+    # a form serves every method: what does not apply to a method keeps its default there
+    from workbench.config import for_method
+    values = {"iters": 7, "rows_per_step": 4, "dx_alpha": 0.25, "init": "BoA"}
+    assert (for_method(values, "gptq", "app").iters, for_method(values, "gptq", "app").rows_per_step) == (None, None)
+    boa, turbo, aespa = (for_method(values, m, "app") for m in ("boa", "turboboa", "aespa"))
+    assert (boa.rows_per_step, boa.dx_alpha) == (4, None) and (turbo.rows_per_step, turbo.dx_alpha) == (4, 0.25)
+    assert (aespa.iters, aespa.init) == (7, "boa")
+    assert hash(turbo) == hash(for_method(values, "turboboa", "app"))      # configs are cache keys
+
+
+def test_every_declared_setting_reaches_every_face():
+    import argparse
+
+    from workbench.flags import add_setting_flags
+    from workbench.methods import METHODS
+    parser = argparse.ArgumentParser()
+    add_setting_flags(parser)
+    flags = {a.dest for a in parser._actions}
+    for name, s in SETTINGS.items():
+        assert s.methods is None or set(s.methods) <= set(METHODS), name
+        assert name in flags or "cli" not in s.faces
+        assert s.label and s.help

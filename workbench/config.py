@@ -1,0 +1,153 @@
+"""``QuantizeConfig``: every setting of a quantization run, declared once (see ``workbench.settings``).
+
+To add a setting: declare it here with ``setting(...)``, then use it where it acts. The command
+line, the app, the widgets and the validation pick it up from the declaration.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .attention_hessians import VALUE_OUTPUTS
+from .data import DEFAULT_CALIB, DEFAULT_EVAL
+from .errors import WorkbenchError
+from .methods import INITS, METHODS, LearnedOptions, method_spec
+from .models.loading import DEFAULT_MODEL, EMBEDDED
+from .quant.grid import SEARCHES, GridConfig
+from .quant.solver import SolverConfig
+from .settings import Setting, defaults_of, device_problem, setting, settings_of
+
+_LEARNED = LearnedOptions()
+SOLVERS = ("gptq", "boa", "turboboa", "aespa")          # the column-loop solver runs (aespa: its start)
+ATTENTION = ("boa", "turboboa", "aespa")                 # attention-aware q/k/v factors
+STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
+
+
+def _group_problem(value: int) -> str | None:
+    return None if value == -1 or value >= 1 else f"must be -1 (one grid per output channel) or a positive width, got {value}"
+
+
+def _defaults(field_name: str) -> str:
+    """The per-method defaults of a solver option, for help texts."""
+    found = [f"{m} {getattr(spec.solver, field_name)}" for m, spec in METHODS.items()
+             if spec.solver is not None]
+    return "default per method: " + ", ".join(found)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    # -- model and data
+    model: str = setting(DEFAULT_MODEL, str, "Model", "smollm2-135m (embedded), a checkpoint directory, or a hub id",
+                         suggestions=tuple(EMBEDDED), group="model")
+    method: str = setting("gptq", str, "Method", "the quantization method", choices=tuple(METHODS), group="model",
+                          faces=("cli", "api", "widgets"))
+    calib: str = setting(DEFAULT_CALIB, str, "Calibration text",
+                         "wikitext2, a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]", suggestions=(DEFAULT_CALIB,),
+                         group="data")
+    calib_samples: int = setting(32, int, "Calibration samples", "calibration windows drawn", low=1, high=4096,
+                                 group="data")
+    seqlen: int = setting(512, int, "Sequence length", "tokens per window", low=2, high=32768, group="data")
+    eval_text: str = setting(DEFAULT_EVAL, str, "Evaluation text", "text for perplexity (default: WikiText-2 raw test)",
+                             suggestions=(DEFAULT_EVAL,), group="run")
+    eval_windows: int = setting(40, int, "Evaluation windows", "perplexity windows: 0 = all, -1 = skip evaluation",
+                                low=-1, high=100000, group="data")
+    seed: int = setting(0, int, "Seed", "seed of the calibration offsets", low=0, group="run")
+    # -- the grid
+    bits: int = setting(4, int, "Bits", "weight bits, 2-8", low=2, high=8, slider=True, step=1, group="grid")
+    group_size: int = setting(64, int, "Group size", "input columns per grid; -1 = one grid per output channel",
+                              suggestions=(-1, 32, 64, 192), check=_group_problem, group="grid")
+    symmetric: bool = setting(False, bool, "Symmetric", "symmetric grid (zero point in the middle)", group="grid")
+    grid_search: str | None = setting(None, str, "Grid search", "range search of the grids (default: mse for the "
+                                      "solvers, minmax for rtn)", choices=SEARCHES, optional=True, group="grid")
+    max_blocks: int | None = setting(None, int, "Max blocks", "quantize only the first N blocks (0 or empty: all)",
+                                     low=1, optional=True, none_means="all blocks", form_none=0, group="grid")
+    # -- where and how it runs
+    device: str = setting("auto", str, "Device", "auto, cpu, cuda or cuda:N", suggestions=("auto", "cpu", "cuda"),
+                          check=device_problem, group="grid")
+    batch_size: int = setting(4, int, "Batch size", "sequences per forward chunk", low=1, high=1024, group="run")
+    measure_batches: int = setting(2, int, "Measure batches", "calibration batches for the attention error of q/k/v",
+                                   low=1, methods=STAGE_WISE, group="run")
+    # -- the solver (None: the method's default)
+    damp: float = setting(0.01, float, "Damping", "damping, a fraction of the mean Hessian diagonal", low=0.0,
+                          high=0.999, methods=SOLVERS, group="solver")
+    act_order: bool | None = setting(None, bool, "Act order", "columns by descending Hessian diagonal, static groups "
+                                     f"({_defaults('act_order')})", optional=True, methods=SOLVERS, group="solver")
+    block_size: int = setting(128, int, "Lazy block", "columns per lazy-update block", low=1, high=65536,
+                              methods=SOLVERS, group="solver")
+    rows_per_step: int | None = setting(None, int, "Rows per step", "rows of every head quantized jointly, 1 = BoA "
+                                        f"({_defaults('rows_per_step')})", low=1, high=4096, optional=True,
+                                        methods=ATTENTION, group="solver")
+    dx_alpha: float | None = setting(None, float, "dx alpha", "strength of the correction for errors inherited from "
+                                     "earlier layers, 0-1 (turboboa 0.5)", low=0.0, high=1.0, optional=True,
+                                     methods=tuple(m for m, s in METHODS.items() if s.fp_stream), slider=True,
+                                     step=0.05, group="solver")
+    refine_iters: int | None = setting(None, int, "Refine iterations", "scale-refinement sweeps after rounding "
+                                       f"({_defaults('refine_iters')})", low=0, high=100, optional=True,
+                                       methods=SOLVERS, group="solver")
+    grid_at_start: bool | None = setting(None, bool, "Grid at start", "grids from the initial weights instead of when "
+                                         "each row is reached", optional=True, methods=SOLVERS, group="solver")
+    value_output: str = setting("identity", str, "Value output factor", "output factor of the value projection's "
+                                "Hessian", choices=VALUE_OUTPUTS, methods=ATTENTION, group="solver")
+    # -- learned rounding, aespa / brecq (None: the default of LearnedOptions)
+    iters: int | None = setting(None, int, "Rounding steps", "Adam steps per layer (aespa) or per block (brecq); "
+                                f"default {_LEARNED.iters}", low=1, high=100000, optional=True,
+                                methods=("aespa", "brecq"), group="learned")
+    lr: float | None = setting(None, float, "Learning rate", f"Adam on the rounding variables; default {_LEARNED.lr}",
+                               low=1e-6, high=10.0, optional=True, methods=("aespa", "brecq"), group="learned")
+    init: str | None = setting(None, str, "Start from", f"aespa's starting rounding; default {_LEARNED.init}",
+                               choices=INITS, optional=True, methods=("aespa",), group="learned")
+
+    def grid(self) -> GridConfig:
+        return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                          search=self.grid_search or method_spec(self.method).grid_search)
+
+    def solver(self) -> SolverConfig:
+        base = method_spec(self.method).solver or SolverConfig()
+        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "grid_at_start",
+                                                "act_order") if getattr(self, k) is not None}
+        return dataclasses.replace(base, damp=self.damp, block_size=self.block_size, **chosen)
+
+    def learned(self) -> dict:
+        """Options of the learned-rounding methods that are set."""
+        return {k: getattr(self, k) for k in ("iters", "lr", "init") if getattr(self, k) is not None}
+
+    def validate(self, face: str = "api") -> "QuantizeConfig":
+        """Every setting through its declaration, then the rules between settings.
+
+        Returns the config with its values as the declarations read them (``"BoA"`` -> ``"boa"``).
+        """
+        return build_config({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, face)
+
+
+SETTINGS: dict[str, Setting] = settings_of(QuantizeConfig)
+DEFAULTS: dict = defaults_of(QuantizeConfig)
+
+
+def check_combination(cfg: QuantizeConfig, face: str = "api"):
+    """A setting changed from its default for a method it does not apply to is refused, not ignored."""
+    for name, s in SETTINGS.items():
+        if not s.applies_to(cfg.method) and getattr(cfg, name) != DEFAULTS[name]:
+            raise WorkbenchError(f"{s.who(face)} applies to {', '.join(s.methods)}, not {cfg.method}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkbenchError(f"{SETTINGS['device'].who(face)} {cfg.device} was asked for but no CUDA device is "
+                             f"available; use cpu or auto")
+
+
+def build_config(values: dict, face: str) -> QuantizeConfig:
+    """The one validation: raw values by field name (missing ones take their defaults) to a checked config."""
+    unknown = set(values) - set(SETTINGS)
+    if unknown:
+        raise WorkbenchError(f"unknown settings: {', '.join(sorted(unknown))}; known: {', '.join(SETTINGS)}")
+    parsed = {name: SETTINGS[name].parse(v, face) for name, v in values.items()}
+    cfg = QuantizeConfig(**parsed)
+    check_combination(cfg, face)
+    return cfg
+
+
+def for_method(values: dict, method: str, face: str) -> QuantizeConfig:
+    """A form's values as the config of ``method``: settings that do not apply to it keep their
+    defaults, so one form serves every method it runs (Compare runs four)."""
+    kept = {k: v for k, v in values.items() if SETTINGS[k].applies_to(method)}
+    return build_config({**kept, "method": method}, face)

@@ -1,0 +1,38 @@
+"""The one shape of a quantized weight, from the solvers through the engine to export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .grid import GridConfig, dequantize, expand_groups
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes on a grid: ``W_hat = scale * (codes - zero)`` per group of input columns."""
+    codes: torch.Tensor     # [d_out, d_in] integers in [0, 2^bits - 1] (uint8)
+    scale: torch.Tensor     # [d_out, n_groups]
+    zero: torch.Tensor      # [d_out, n_groups]
+    grid: GridConfig
+
+    def dequantize(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in float32; ``scale`` replaces the stored one (e.g. as a format stores it)."""
+        d_in = self.codes.shape[-1]
+        s = self.scale if scale is None else scale
+        return dequantize(self.codes.float(), expand_groups(s.float(), d_in), expand_groups(self.zero.float(), d_in))
+
+    def cpu(self) -> "QuantizedWeight":
+        return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.grid)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: GridConfig) -> QuantizedWeight:
+    """A ``QuantizedWeight`` from tensors of any batch layout, as ``[d_out, d_in]`` / ``[d_out, n_groups]``."""
+    d_out = codes.shape[0] if codes.dim() == 2 else codes.shape[0] * codes.shape[1]
+    codes = codes.round() if codes.is_floating_point() else codes
+    return QuantizedWeight(codes.reshape(d_out, -1).to(torch.uint8), scale.reshape(d_out, -1).float(),
+                           zero.reshape(d_out, -1).float(), grid)

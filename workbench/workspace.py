@@ -1,0 +1,228 @@
+"""The workspace every face works in: models loaded once, runs on private copies, measured outcomes.
+
+- ``ModelCache`` (``MODELS``, shared by the app's sessions, the widgets and ``workbench inspect``)
+  loads a full-precision model once. The shared model is never quantized: every run works on
+  its own deep copy. Walking a model (spectra, reconstruction) briefly swaps its first block for
+  an input catcher, so walks of a shared model hold its lock. Texts are tokenized once per model
+  and full-precision perplexities computed once per evaluation set: on a CPU they cost as much as
+  quantizing a few blocks.
+- ``quantize_copy`` quantizes a private copy; ``run`` adds the measures (perplexity before and
+  after, held-out layer and head errors) and returns an ``Outcome`` with its tables; ``spectra``
+  computes the Hessian spectra of the shared model. All three stream ``engine.Event`` s to
+  ``on_event`` ("phase" events say what they are doing) and stop with ``Cancelled`` at any point,
+  evaluation included, once ``cancel.is_set()``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .api import QuantizeResult, quantize
+from .config import QuantizeConfig
+from .data import CachingTokenizer, calibration_windows, evaluation_windows
+from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
+from .diagnostics.spectra import Spectra, hessian_spectra
+from .engine import Event, resolve_device
+from .errors import Cancelled
+from .evaluate import perplexity
+from .models.loading import LoadedModel, load_model
+from .report import Report
+
+HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the perplexity, at most this many
+
+
+# -- models -------------------------------------------------------------------------------------
+
+@dataclass
+class SharedModel:
+    loaded: LoadedModel
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    tokenizer: CachingTokenizer = None
+    _perplexities: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.tokenizer is None:
+            self.tokenizer = CachingTokenizer(self.loaded.tokenizer)
+
+    def private(self) -> LoadedModel:
+        """The shared weights with the shared, thread-safe tokenizer."""
+        return dataclasses.replace(self.loaded, tokenizer=self.tokenizer)
+
+    def working_copy(self) -> LoadedModel:
+        """A deep copy to quantize in place."""
+        with self.lock:
+            model = copy.deepcopy(self.loaded.model).eval()
+        return dataclasses.replace(self.private(), model=model)
+
+    def fp_perplexity(self, key, compute) -> float:
+        """The full-precision perplexity for ``key`` (text, windows, device), computed once."""
+        if key not in self._perplexities:
+            self._perplexities[key] = compute()
+        return self._perplexities[key]
+
+
+class ModelCache:
+    """Full-precision models by name, loaded once (one load per name even when two threads ask)."""
+
+    def __init__(self, loader=load_model, capacity: int = 2):
+        self._loader, self._capacity = loader, capacity
+        self._models: dict[str, SharedModel] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, spec: str) -> SharedModel:
+        spec = spec.strip()
+        with self._guard:
+            if spec in self._models:
+                return self._models[spec]
+            lock = self._loading.setdefault(spec, threading.Lock())
+        with lock:
+            with self._guard:
+                if spec in self._models:
+                    return self._models[spec]
+            shared = SharedModel(self._loader(spec))
+            with self._guard:
+                while len(self._models) >= self._capacity:   # oldest out: models are large
+                    self._models.pop(next(iter(self._models)))
+                self._models[spec] = shared
+            return shared
+
+    def loaded(self, spec: str) -> bool:
+        return spec.strip() in self._models
+
+    def clear(self):
+        with self._guard:
+            self._models.clear()
+
+
+MODELS = ModelCache()
+
+
+# -- outcomes -------------------------------------------------------------------------------------
+
+def layer_table(method: str, report: Report, recon: Reconstruction) -> pd.DataFrame:
+    """The report's per-layer rows with the held-out errors beside them and a method column."""
+    frame = report.to_frame()
+    held = recon.layers[["name", "rel_error", "rel_error_propagated"]].rename(
+        columns={"rel_error": "heldout_rel_error", "rel_error_propagated": "heldout_propagated"})
+    frame = frame.merge(held, on="name", how="left")
+    frame.insert(0, "method", method)
+    return frame
+
+
+@dataclass
+class Outcome:
+    """One finished, measured run: the report, the held-out errors, and one frame joining them."""
+    config: QuantizeConfig
+    report: Report
+    reconstruction: Reconstruction
+    layers: pd.DataFrame = field(default=None)
+
+    def __post_init__(self):
+        if self.layers is None:
+            self.layers = layer_table(self.method, self.report, self.reconstruction)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def summary(self) -> dict:
+        r = self.report
+        change = None if not (r.ppl_fp and r.ppl_quant) else 100 * (r.ppl_quant / r.ppl_fp - 1)
+        heads = self.reconstruction.blocks
+        return {"method": self.method, "ppl_fp": r.ppl_fp, "ppl_quant": r.ppl_quant, "ppl_change_pct": change,
+                "quant_seconds": r.quant_seconds, "mean_rel_error": float(self.layers["rel_error"].mean()),
+                "mean_attention_error": float(heads["after_o"].mean()) if len(heads) else None}
+
+
+def default_heldout(cfg: QuantizeConfig) -> int:
+    return HELDOUT_MAX if cfg.eval_windows <= 0 else min(cfg.eval_windows, HELDOUT_MAX)
+
+
+def spectra_key(cfg: QuantizeConfig) -> tuple:
+    """Spectra depend on the model and the calibration windows only."""
+    return (cfg.model, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.max_blocks, cfg.device, cfg.damp)
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+def _say(on_event, message: str):
+    if on_event is not None:
+        on_event(Event("phase", message=message))
+
+
+def _check(cancel):
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("run cancelled")
+
+
+def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, cancel=None,
+                  shared: SharedModel | None = None) -> QuantizeResult:
+    """Quantize a private copy of the cached model; its full-precision perplexity is computed once."""
+    cfg = cfg.validate()
+    _say(on_event, f"{cfg.method}: loading {cfg.model}")
+    shared = shared or models.get(cfg.model)
+    _check(cancel)
+    _say(on_event, f"{cfg.method}: copying the model")
+    work = shared.working_copy()
+    _check(cancel)
+    device = resolve_device(cfg.device)
+    evaluate = cfg.eval_windows >= 0
+    if evaluate:
+        windows = evaluation_windows(work.tokenizer, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
+        _say(on_event, f"{cfg.method}: full-precision perplexity")
+        # the copy still holds the full-precision weights; every run of this model and text shares the number
+        ppl_fp = shared.fp_perplexity((cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device)),
+                                      lambda: perplexity(work.model, windows, device, cfg.batch_size, cancel=cancel))
+        work.model.to("cpu")
+    _say(on_event, f"{cfg.method}: calibrating")
+    result = quantize(dataclasses.replace(cfg, eval_windows=-1), loaded=work, on_event=on_event, cancel=cancel)
+    report = result.report
+    report.config["eval_windows"] = cfg.eval_windows
+    if evaluate:
+        _say(on_event, f"{cfg.method}: quantized perplexity")
+        report.ppl_fp = ppl_fp
+        report.ppl_quant = perplexity(result.model, windows, device, cfg.batch_size, cancel=cancel)
+        result.model.to("cpu")
+    return result
+
+
+def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, cancel=None,
+        heldout: int | None = None) -> Outcome:
+    """Quantize a private copy and measure it: perplexity before and after, and every layer's and
+    head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
+    cfg = cfg.validate()
+    shared = models.get(cfg.model)
+    result = quantize_copy(cfg, models=models, on_event=on_event, cancel=cancel, shared=shared)
+    _say(on_event, f"{cfg.method}: measuring errors on held-out windows")
+    ids = evaluation_windows(shared.tokenizer, cfg.eval_text, cfg.seqlen, heldout or default_heldout(cfg))
+    with shared.lock:
+        recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
+                                      batch_size=cfg.batch_size, device=resolve_device(cfg.device),
+                                      max_blocks=cfg.max_blocks, cancel=cancel)
+    return Outcome(cfg, result.report, recon)
+
+
+def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, cancel=None,
+            heads: bool = True) -> Spectra:
+    """Spectra of the cached full-precision model on the calibration windows a run with ``cfg`` draws."""
+    cfg = cfg.validate()
+    _say(on_event, f"loading {cfg.model}")
+    shared = models.get(cfg.model)
+    _check(cancel)
+    _say(on_event, "tokenizing the calibration text")
+    ids = calibration_windows(shared.tokenizer, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
+
+    def on_block(b, total):
+        if on_event is not None:
+            on_event(Event("block_finished", index=b + 1, total=total, block=b))
+
+    _say(on_event, "accumulating Hessians block by block")
+    with shared.lock:
+        return hessian_spectra(shared.loaded.model, shared.loaded.family, ids, batch_size=cfg.batch_size,
+                               device=resolve_device(cfg.device), max_blocks=cfg.max_blocks, heads=heads,
+                               damp=cfg.damp, on_block=on_block, cancel=cancel)
