@@ -170,14 +170,11 @@ class BlockQuantizer:
         self.result.timings[key] += t - t0
         return t
 
-    def layer_name(self, b: int, kind: str) -> str:
-        return f"{self.family.blocks_path}.{b}.{self.family.linears[kind]}"
-
     def record(self, block: nn.Module, b: int, kind: str, quantized: QuantizedWeight, W: torch.Tensor, H: torch.Tensor, loss: float,
                seconds: float, extra: dict | None = None) -> LayerRecord:
         """Put ``quantized`` into ``block`` in place of ``W`` (its ``kind`` linear) and record the layer."""
         layer = self.family.linear(block, kind)
-        name = self.layer_name(b, kind)
+        name = self.family.layer_name(b, kind)
         W32 = W.float()
         Q = quantized.dequantize()
         rel = relative_error(Q - W32, W32, H)
@@ -289,7 +286,7 @@ class BlockQuantizer:
 
     def _quantize_layer(self, b, block, kind, cov: InputCovariance, stats: dict) -> LayerRecord:
         layer = self.family.linear(block, kind)
-        self.emit(kind="layer_started", block=b, layer=self.layer_name(b, kind), layer_kind=kind)
+        self.emit(kind="layer_started", block=b, layer=self.family.layer_name(b, kind), layer_kind=kind)
         t0 = time.perf_counter()
         W = layer.weight.data
         res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,

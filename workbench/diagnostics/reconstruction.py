@@ -24,7 +24,6 @@ from torch import nn
 from ..errors import WorkbenchError
 from ..models import Family
 from ..models.base import attend
-from .spectra import layer_name
 from .walk import walk_stages
 
 LAYER_COLUMNS = ["name", "block", "kind", "rel_error", "rel_error_propagated"]
@@ -108,7 +107,7 @@ def reconstruction_errors(fp_model: nn.Module, quant_model: nn.Module, family: F
                 r.add(("propagated", b, kind), q_lin(st_q.x), ref)
         if view.kinds == family.attention_kinds:
             _attention(r, family, geometry, b, fp_block, q_block, view)
-    layers = [{"name": layer_name(family, b, k), "block": b, "kind": k, "rel_error": r.get(("local", b, k)),
+    layers = [{"name": family.layer_name(b, k), "block": b, "kind": k, "rel_error": r.get(("local", b, k)),
                "rel_error_propagated": r.get(("propagated", b, k))} for b, k in layer_keys]
     heads = [{"block": b, "head": h, **{c: r.get(((c, b), h)) for c in ATTENTION}}
              for b in block_ids for h in range(geometry.n_heads)]

@@ -89,11 +89,6 @@ class Spectra:
                 "spectra_heads": self.heads, "spectra_head_eigenvalues": self.head_eigenvalues}
 
 
-def layer_name(family: Family, block: int, kind: str) -> str:
-    """The module path the engine's report uses, so spectra and errors join on ``name``."""
-    return f"{family.blocks_path}.{block}.{family.linears[kind]}"
-
-
 @torch.no_grad()
 def hessian_spectra(model: nn.Module, family: Family, ids: torch.Tensor, *, batch_size: int = 4,
                     device: torch.device | str = "cpu", max_blocks: int | None = None, heads: bool = True,
@@ -117,7 +112,7 @@ def hessian_spectra(model: nn.Module, family: Family, ids: torch.Tensor, *, batc
         eig = eigenvalues(cov.H)
         stats = spectrum_stats(eig, damp)
         for kind in view.kinds:
-            name = layer_name(family, view.block, kind)
+            name = family.layer_name(view.block, kind)
             layer_rows.append({"name": name, "block": view.block, "kind": kind, "stage": ",".join(view.kinds),
                                **stats})
             layer_eigs.append(_long(eig, name=name, block=view.block, kind=kind))

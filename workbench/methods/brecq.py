@@ -84,7 +84,7 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
     def step_loss():
         return batch_loss(int(torch.randint(len(inputs), (1,), generator=order)))
 
-    engine.emit(kind="layer_started", block=b, layer=engine.layer_name(b, kinds[0]), layer_kind=kinds[0])
+    engine.emit(kind="layer_started", block=b, layer=fam.layer_name(b, kinds[0]), layer_kind=kinds[0])
     try:
         for r in rounders.values():
             r.hard = True

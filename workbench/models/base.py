@@ -58,6 +58,10 @@ class Family:
     def attention(self, block: nn.Module) -> nn.Module:
         return get_path(block, self.attention_path)
 
+    def layer_name(self, block: int, kind: str) -> str:
+        """The module path of a linear in the model: what reports, spectra and errors join on."""
+        return f"{self.blocks_path}.{block}.{self.linears[kind]}"
+
 
 def get_path(obj, path: str):
     for part in path.split("."):
