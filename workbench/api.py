@@ -11,10 +11,12 @@ import torch
 from .config import QuantizeConfig
 from .data import calibration_windows, evaluation_windows
 from .engine import BlockQuantizer, EngineResult, resolve_device
+from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import check_save_dir, save_quantized
 from .methods import method_spec
 from .models.loading import LoadedModel, load_model
+from .patterns import matches
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
 from .report import Report, check_writable
@@ -58,6 +60,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
     _check_group_size(loaded, cfg.grid())
+    _check_ignore(loaded, cfg.ignore)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
@@ -78,7 +81,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
                             cfg.batch_size, cfg.max_blocks, on_event, cancel,
                             options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
-                                     "learned": {"seed": cfg.seed, **cfg.learned()}})
+                                     "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore})
     t0 = time.perf_counter()
     result: EngineResult = engine.run(calib)
     quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
@@ -103,3 +106,14 @@ def _check_group_size(loaded: LoadedModel, grid: GridConfig):
     block = loaded.family.blocks(loaded.model)[0]
     for kind in loaded.family.linears:
         grid.group_width(loaded.family.linear(block, kind).in_features)
+
+
+def _check_ignore(loaded: LoadedModel, patterns: tuple[str, ...]):
+    """Refuse, before any work, an ``ignore`` pattern that matches no linear layer (a typo would
+    otherwise quantize what was meant to stay in full precision)."""
+    family = loaded.family
+    names = [family.layer_name(b, k) for b in range(len(family.blocks(loaded.model))) for k in family.linears]
+    for p in patterns:
+        if not any(matches(n, (p,)) for n in names):
+            raise WorkbenchError(f"--ignore pattern {p!r} matches no linear layer of the model; names look like "
+                                 f"{names[0]} (globs such as *.down_proj and re:REGEX work too)")

@@ -15,6 +15,7 @@ from .data import DEFAULT_CALIB, DEFAULT_EVAL
 from .errors import WorkbenchError
 from .methods import INITS, METHODS, LearnedOptions, method_spec
 from .models.loading import DEFAULT_MODEL, EMBEDDED
+from .patterns import pattern_problem
 from .quant.grid import SEARCHES, GridConfig
 from .quant.solver import SolverConfig
 from .settings import Setting, defaults_of, device_problem, setting, settings_of
@@ -63,6 +64,9 @@ class QuantizeConfig:
                                       "solvers, minmax for rtn)", choices=SEARCHES, optional=True, group="grid")
     max_blocks: int | None = setting(None, int, "Max blocks", "quantize only the first N blocks (0 or empty: all)",
                                      low=1, optional=True, none_means="all blocks", form_none=0, group="grid")
+    ignore: tuple[str, ...] = setting((), tuple, "Keep in full precision", "linear layers left unquantized: module "
+                                      "names, globs (*.down_proj, model.layers.0.*) or re:REGEX, comma-separated",
+                                      check=pattern_problem, group="run")
     # -- where and how it runs
     device: str = setting("auto", str, "Device", "auto, cpu, cuda or cuda:N", suggestions=("auto", "cpu", "cuda"),
                           check=device_problem, group="grid")

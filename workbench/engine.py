@@ -20,6 +20,7 @@ from .errors import Cancelled
 from .hessians import InputCovariance, relative_error
 from .models import Family, Stage
 from .models.base import attend
+from .patterns import matches
 from .quant.grid import GridConfig
 from .quant.solver import SolveResult, SolverConfig
 from .quant.weight import QuantizedWeight
@@ -186,6 +187,10 @@ class BlockQuantizer:
         self.done += 1
         return rec
 
+    def quantizes(self, b: int, kind: str) -> bool:
+        """False for a layer the run leaves in full precision (``options["ignore"]`` patterns)."""
+        return not matches(self.family.layer_name(b, kind), self.options.get("ignore", ()))
+
     def emit_finished(self, record: LayerRecord):
         self.emit(kind="layer_finished", block=record.block, layer=record.name, layer_kind=record.kind,
                   loss=record.loss, rel_error=record.rel_error, seconds=record.seconds)
@@ -195,7 +200,7 @@ class BlockQuantizer:
     def run(self, ids: torch.Tensor) -> EngineResult:
         blocks = self.family.blocks(self.model)
         n_blocks = len(blocks) if self.max_blocks is None else min(self.max_blocks, len(blocks))
-        self.total = n_blocks * len(self.family.linears)
+        self.total = sum(self.quantizes(b, k) for b in range(n_blocks) for k in self.family.linears)
         self.emit(kind="start")
         t0 = time.perf_counter()
         hidden = [h.cpu() for h in block_inputs(self.model, self.family, ids, self.batch_size)]
@@ -234,6 +239,9 @@ class BlockQuantizer:
     def _quantize_stage(self, b, block, stages: list[Stage], stages_fp: list[Stage] | None, ctx):
         t0 = time.perf_counter()
         kinds = stages[0].kinds
+        todo = [k for k in kinds if self.quantizes(b, k)]
+        if not todo:     # every layer of the stage stays in full precision: no statistics needed
+            return
         cov = InputCovariance(stages[0].x.shape[-1], self.device, with_cross=stages_fp is not None)
         for i, st in enumerate(stages):
             cov.add(st.x, None if stages_fp is None else stages_fp[i].x)
@@ -241,7 +249,7 @@ class BlockQuantizer:
         self.tick("statistics", t0)
         attention = kinds == self.family.attention_kinds
         fp_weights = {k: self.family.linear(block, k).weight.data.clone() for k in kinds} if attention else None
-        for kind in kinds:
+        for kind in todo:
             self.check_cancel()
             record = self._quantize_layer(b, block, kind, cov, extra_stats.get(kind, {}))
             if attention:

@@ -53,8 +53,10 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
     records, events and packed layers are the engine's, as for a stage-wise method."""
     dev, fam, b, block, ctx = engine.device, engine.family, job.index, job.block, job.ctx
     opts = LearnedOptions(**engine.options.get("learned", {}))
-    kinds = list(fam.linears)
+    kinds = [k for k in fam.linears if engine.quantizes(b, k)]
     inputs = [h.to(dev) for h in job.hidden]
+    if not kinds:    # the whole block stays in full precision
+        return [run_block(fam, block, h, ctx).cpu() for h in inputs], None
 
     t0 = time.perf_counter()
     covs: dict = {}
