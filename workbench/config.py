@@ -27,7 +27,9 @@ STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
 
 
 def _group_problem(value: int) -> str | None:
-    return None if value == -1 or value >= 1 else f"must be -1 (one grid per output channel) or a positive width, got {value}"
+    if value == -1 or value >= 1:
+        return None
+    return f"must be -1 (one grid per output channel) or a positive width, got {value}"
 
 
 def _defaults(field_name: str) -> str:

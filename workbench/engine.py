@@ -171,8 +171,8 @@ class BlockQuantizer:
         self.result.timings[key] += t - t0
         return t
 
-    def record(self, block: nn.Module, b: int, kind: str, quantized: QuantizedWeight, W: torch.Tensor, H: torch.Tensor, loss: float,
-               seconds: float, extra: dict | None = None) -> LayerRecord:
+    def record(self, block: nn.Module, b: int, kind: str, quantized: QuantizedWeight, W: torch.Tensor,
+               H: torch.Tensor, loss: float, seconds: float, extra: dict | None = None) -> LayerRecord:
         """Put ``quantized`` into ``block`` in place of ``W`` (its ``kind`` linear) and record the layer."""
         layer = self.family.linear(block, kind)
         name = self.family.layer_name(b, kind)

@@ -172,7 +172,8 @@ def grid_of(packed: dict[str, QuantizedWeight]) -> WeightScheme:
     """The grid the quantized layers share, read from the layers themselves."""
     schemes = {WeightScheme.of(q.grid) for q in packed.values()}
     if len(schemes) > 1:
-        found = ", ".join(f"{s.bits}-bit g{s.group_size}" for s in sorted(schemes, key=lambda s: (s.bits, s.group_size)))
+        ordered = sorted(schemes, key=lambda s: (s.bits, s.group_size))
+        found = ", ".join(f"{s.bits}-bit g{s.group_size}" for s in ordered)
         raise WorkbenchError(f"the quantized layers use different grids ({found}); this format stores one grid "
                              f"for every layer")
     return schemes.pop()
@@ -259,7 +260,8 @@ def check_layer(name: str, layer: QuantizedWeight, weight: torch.Tensor, scheme:
                              f"result of quantize() before changing the model")
 
 
-def compress_layer(name: str, layer: QuantizedWeight, scheme: WeightScheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def compress_layer(name: str, layer: QuantizedWeight, scheme: WeightScheme,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Pack one linear with compressed-tensors, checking that its codes come back unchanged."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
