@@ -52,7 +52,8 @@ class QuantizeConfig:
     calib_samples: int = setting(32, int, "Calibration samples", "calibration windows drawn", low=1, high=4096,
                                  group="data")
     seqlen: int = setting(512, int, "Sequence length", "tokens per window", low=2, high=32768, group="data")
-    eval_text: str = setting(DEFAULT_EVAL, str, "Evaluation text", "text for perplexity (default: WikiText-2 raw test)",
+    eval_text: str = setting(DEFAULT_EVAL, str, "Evaluation text", "text for perplexity: wikitext2-test (the WikiText-2 "
+                             "raw test split), a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]",
                              suggestions=(DEFAULT_EVAL,), group="run")
     eval_windows: int = setting(40, int, "Evaluation windows", "perplexity windows: 0 = all, -1 = skip evaluation",
                                 low=-1, high=100000, group="data")
@@ -62,8 +63,8 @@ class QuantizeConfig:
     group_size: int = setting(64, int, "Group size", "input columns per grid; -1 = one grid per output channel",
                               suggestions=(-1, 32, 64, 192), check=_group_problem, group="grid")
     symmetric: bool = setting(False, bool, "Symmetric", "symmetric grid (zero point in the middle)", group="grid")
-    grid_search: str | None = setting(None, str, "Grid search", "range search of the grids (default: mse for the "
-                                      "solvers, minmax for rtn)", choices=SEARCHES, optional=True, group="grid")
+    grid_search: str | None = setting(None, str, "Grid search", "range search of the grids", choices=SEARCHES,
+                                      optional=True, none_means="mse for the solvers, minmax for rtn", group="grid")
     max_blocks: int | None = setting(None, int, "Max blocks", "quantize only the first N blocks (0 or empty: all)",
                                      low=1, optional=True, none_means="all blocks", form_none=0, group="grid")
     ignore: tuple[str, ...] = setting((), tuple, "Keep in full precision", "linear layers left unquantized: module "

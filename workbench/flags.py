@@ -31,14 +31,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, defaults: dict | None = N
         if shown is None:
             default_text = s.none_means if s.optional else "none"
         else:
-            default_text = ",".join(shown) if s.kind is tuple else shown
-        help_text = f"{s.help} (default: {default_text})"
+            default_text = (",".join(shown) or "none") if s.kind is tuple else shown
+        # per-method defaults are listed in the help itself
+        help_text = s.help if "default" in s.help and shown is None else f"{s.help} (default: {default_text})"
         if s.kind is bool and s.optional:
             target.add_argument(s.flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         elif s.kind is bool:
             target.add_argument(s.flag, dest=name, default=None, action="store_const", const=True, help=help_text)
         else:
-            metavar = "{" + ",".join(map(str, s.choices)) + "}" if s.choices else name.upper()
+            metavar = "{" + ",".join(map(str, s.choices)) + "}" if s.choices else \
+                ("PATTERNS" if s.kind is tuple else name.upper())
             target.add_argument(s.flag, dest=name, default=None, metavar=metavar, help=help_text)
     parser.set_defaults(_setting_defaults=defaults)
 
