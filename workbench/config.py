@@ -32,10 +32,9 @@ def _group_problem(value: int) -> str | None:
     return f"must be -1 (one grid per output channel) or a positive width, got {value}"
 
 
-def _defaults(field_name: str) -> str:
-    """The per-method defaults of a solver option, for help texts."""
-    found = [f"{m} {getattr(spec.solver, field_name)}" for m, spec in METHODS.items()
-             if spec.solver is not None]
+def _defaults(field_name: str, methods: tuple[str, ...]) -> str:
+    """The defaults of a solver option for the methods it applies to, for help texts."""
+    found = [f"{m} {getattr(METHODS[m].solver, field_name)}" for m in methods]
     return "default per method: " + ", ".join(found)
 
 
@@ -80,18 +79,18 @@ class QuantizeConfig:
     damp: float = setting(0.01, float, "Damping", "damping, a fraction of the mean Hessian diagonal", low=0.0,
                           high=0.999, methods=SOLVERS, group="solver")
     act_order: bool | None = setting(None, bool, "Act order", "columns by descending Hessian diagonal, static groups "
-                                     f"({_defaults('act_order')})", optional=True, methods=SOLVERS, group="solver")
+                                     f"({_defaults('act_order', SOLVERS)})", optional=True, methods=SOLVERS, group="solver")
     block_size: int = setting(128, int, "Lazy block", "columns per lazy-update block", low=1, high=65536,
                               methods=SOLVERS, group="solver")
     rows_per_step: int | None = setting(None, int, "Rows per step", "rows of every head quantized jointly, 1 = BoA "
-                                        f"({_defaults('rows_per_step')})", low=1, high=4096, optional=True,
+                                        f"({_defaults('rows_per_step', ATTENTION)})", low=1, high=4096, optional=True,
                                         methods=ATTENTION, group="solver")
     dx_alpha: float | None = setting(None, float, "dx alpha", "strength of the correction for errors inherited from "
                                      "earlier layers, 0-1 (turboboa 0.5)", low=0.0, high=1.0, optional=True,
                                      methods=tuple(m for m, s in METHODS.items() if s.fp_stream), slider=True,
                                      step=0.05, group="solver")
     refine_iters: int | None = setting(None, int, "Refine iterations", "scale-refinement sweeps after rounding "
-                                       f"({_defaults('refine_iters')})", low=0, high=100, optional=True,
+                                       f"({_defaults('refine_iters', SOLVERS)})", low=0, high=100, optional=True,
                                        methods=SOLVERS, group="solver")
     grid_at_start: bool | None = setting(None, bool, "Grid at start", "grids from the initial weights instead of when "
                                          "each row is reached", optional=True, methods=SOLVERS, group="solver")

@@ -164,8 +164,9 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
                   shared: SharedModel | None = None) -> QuantizeResult:
     """Quantize a private copy of the cached model; its full-precision perplexity is computed once."""
     cfg = cfg.validate()
-    _say(on_event, f"{cfg.method}: loading {cfg.model}")
-    shared = shared or models.get(cfg.model)
+    if shared is None:
+        _say(on_event, f"{cfg.method}: loading {cfg.model}")
+        shared = models.get(cfg.model)
     _check(cancel)
     _say(on_event, f"{cfg.method}: copying the model")
     work = shared.working_copy()
@@ -196,6 +197,7 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
     """Quantize a private copy and measure it: perplexity before and after, and every layer's and
     head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
     cfg = cfg.validate()
+    _say(on_event, f"{cfg.method}: loading {cfg.model}")     # said before the load, which may take a while
     shared = models.get(cfg.model)
     result = quantize_copy(cfg, models=models, on_event=on_event, cancel=cancel, shared=shared)
     _say(on_event, f"{cfg.method}: measuring errors on held-out windows")
