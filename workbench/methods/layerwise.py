@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..engine import LayerProblem
-from ..quant.grid import expand_groups, group_params, quantize_codes
+from ..quant.grid import expand_groups, grid_functions, group_params
 from ..quant.solver import SolveResult, SolverConfig, kronecker_loss, solve
 from ..quant.weight import from_codes
 
@@ -16,7 +16,7 @@ def rtn_layer(p: LayerProblem) -> SolveResult:
     W32 = p.W.float()
     scale, zero = group_params(W32, p.grid)
     C = W32.shape[-1]
-    codes = quantize_codes(W32, expand_groups(scale, C), expand_groups(zero, C), p.grid.maxq)
+    codes = grid_functions(p.grid)[1](W32, expand_groups(scale, C), expand_groups(zero, C), p.grid.maxq)
     q = from_codes(codes, scale, zero, p.grid)
     loss = kronecker_loss((q.dequantize() - W32).unsqueeze(0), p.H, None)
     return SolveResult(q, float(loss))

@@ -2,6 +2,10 @@
 
 A grid is computed over the last dimension of a tensor: a whole output row (per channel) or
 one group of input columns. Shapes: ``w[..., n] -> scale[..., 1], zero[..., 1]``.
+
+A grid on a GGUF lattice (``GridConfig.lattice``, see ``quant.lattice``) has float16 scales, and
+for the asymmetric types a stored minimum in place of the integer zero point:
+q(w) = s * clamp(round((w + m) / s), 0, 2^b - 1) - m. The ``zero`` tensors then hold ``m``.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 
 from ..errors import WorkbenchError
 from .compiled import kernel
+from .lattice import SUPER_BLOCK, lattice, place_minimums, place_scales, types_for_width
 
 SEARCHES = ("minmax", "mse")
 
@@ -24,6 +29,7 @@ class GridConfig:
     mse_steps: int = 80
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    lattice: str | None = None    # a GGUF block type: grids on exactly the values its file stores
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -33,6 +39,22 @@ class GridConfig:
                 f"group size must be a positive integer or -1 (per channel), got {self.group_size!r}")
         if self.search not in SEARCHES:
             raise WorkbenchError(f"unknown grid search {self.search!r}; choose one of {', '.join(SEARCHES)}")
+        if self.lattice is not None:
+            lat = lattice(self.lattice)
+            if (self.bits, self.group_size, self.symmetric) != (lat.bits, lat.sub_block, lat.symmetric):
+                raise WorkbenchError(f"GGUF {lat.name} stores {lat.bits}-bit {'symmetric' if lat.symmetric else 'asymmetric'} "
+                                     f"groups of {lat.sub_block}; got {self.bits} bits, group size {self.group_size}, "
+                                     f"symmetric {self.symmetric}")
+
+    @classmethod
+    def for_lattice(cls, name: str, search: str = "minmax") -> "GridConfig":
+        lat = lattice(name)
+        return cls(bits=lat.bits, group_size=lat.sub_block, symmetric=lat.symmetric, search=search, lattice=name)
+
+    @property
+    def min_offset(self) -> bool:
+        """The grid stores a minimum ``m`` (``q = s c - m``) rather than an integer zero point."""
+        return self.lattice is not None and lattice(self.lattice).min_offset
 
     @property
     def maxq(self) -> int:
@@ -40,6 +62,11 @@ class GridConfig:
 
     def group_width(self, d_in: int) -> int:
         """Columns per grid for a layer with ``d_in`` inputs; raises if groups do not tile it."""
+        if self.lattice is not None and d_in % lattice(self.lattice).block:
+            fits = types_for_width(d_in)
+            raise WorkbenchError(
+                f"GGUF {self.lattice} stores rows in blocks of {lattice(self.lattice).block} weights; a layer has "
+                f"{d_in} inputs, so choose a type that fits: {', '.join(fits) if fits else 'none'}")
         if self.group_size == -1:
             return d_in
         if d_in % self.group_size:
@@ -49,18 +76,26 @@ class GridConfig:
                 f"or -1 for per-channel grids")
         return self.group_size
 
+    def grid_unit(self, d_in: int) -> int:
+        """Columns whose grids are made together: a group, or a K-quant super-block of groups."""
+        width = self.group_width(d_in)
+        return SUPER_BLOCK if self.lattice is not None and lattice(self.lattice).super_block else width
+
 
 def largest_divisor_at_most(n: int, k: int) -> int:
     return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
 
 
-def minmax_params(w: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0):
+def minmax_params(w: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0,
+                  min_offset: bool = False):
     """Scale and zero point covering ``shrink`` x the range of ``w`` over its last dim."""
-    return range_params(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), maxq, symmetric, shrink)
+    return range_params(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), maxq, symmetric, shrink, min_offset)
 
 
-def range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0):
-    """Scale and zero point covering ``shrink`` x ``[lo, hi]`` (and 0)."""
+def range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, symmetric: bool, shrink: float | torch.Tensor = 1.0,
+                 min_offset: bool = False):
+    """Scale and zero point covering ``shrink`` x ``[lo, hi]`` (and 0); with ``min_offset`` the
+    minimum ``-lo`` in place of the zero point."""
     lo = (lo * shrink).clamp(max=0)
     hi = (hi * shrink).clamp(min=0)
     if symmetric:
@@ -71,9 +106,30 @@ def range_params(lo: torch.Tensor, hi: torch.Tensor, maxq: int, symmetric: bool,
     scale = torch.where(span > 0, span / maxq, torch.ones_like(span))
     if symmetric:
         zero = torch.full_like(scale, (maxq + 1) / 2)
+    elif min_offset:
+        zero = -lo
     else:
         zero = torch.round(-lo / scale)
     return scale, zero
+
+
+def fake_quantize_min(w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, maxq: int) -> torch.Tensor:
+    return scale * torch.clamp(torch.round((w + minimum) / scale), 0, maxq) - minimum
+
+
+def quantize_codes_min(w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round((w + minimum) / scale), 0, maxq)
+
+
+def dequantize_min(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    return scale * codes - minimum
+
+
+def grid_functions(cfg: "GridConfig"):
+    """``(fake_quantize, quantize_codes, dequantize)`` of the grid's form (zero point or minimum)."""
+    if cfg.min_offset:
+        return fake_quantize_min, quantize_codes_min, dequantize_min
+    return fake_quantize, quantize_codes, dequantize
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -95,24 +151,26 @@ def mse_params(w: torch.Tensor, cfg: GridConfig):
     method that takes MSE grids, and in eager mode it cost as much as a GPTQ solve.
     """
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    best_scale, best_zero = range_params(lo, hi, cfg.maxq, cfg.symmetric)
-    best_err = range_error(w, best_scale, best_zero, cfg.maxq, cfg.mse_norm)
+    best_scale, best_zero = range_params(lo, hi, cfg.maxq, cfg.symmetric, min_offset=cfg.min_offset)
+    best_err = range_error(w, best_scale, best_zero, cfg.maxq, cfg.mse_norm, cfg.min_offset)
     step = kernel(mse_search_step, dynamic=True)
     for i in range(1, int(cfg.mse_max_shrink * cfg.mse_steps) + 1):
         shrink = torch.tensor(1 - i / cfg.mse_steps, dtype=w.dtype, device=w.device)
         best_err, best_scale, best_zero = step(w, lo, hi, shrink, best_err, best_scale, best_zero,
-                                               cfg.maxq, cfg.symmetric, cfg.mse_norm)
+                                               cfg.maxq, cfg.symmetric, cfg.mse_norm, cfg.min_offset)
     return best_scale, best_zero
 
 
-def range_error(w, scale, zero, maxq: int, norm: float) -> torch.Tensor:
-    return (fake_quantize(w, scale, zero, maxq) - w).abs().pow(norm).sum(-1, keepdim=True)
+def range_error(w, scale, zero, maxq: int, norm: float, min_offset: bool = False) -> torch.Tensor:
+    q = fake_quantize_min(w, scale, zero, maxq) if min_offset else fake_quantize(w, scale, zero, maxq)
+    return (q - w).abs().pow(norm).sum(-1, keepdim=True)
 
 
-def mse_search_step(w, lo, hi, shrink, best_err, best_scale, best_zero, maxq: int, symmetric: bool, norm: float):
+def mse_search_step(w, lo, hi, shrink, best_err, best_scale, best_zero, maxq: int, symmetric: bool, norm: float,
+                    min_offset: bool = False):
     """The best of the grids so far and the one of range ``shrink x [lo, hi]``, per row."""
-    scale, zero = range_params(lo, hi, maxq, symmetric, shrink)
-    err = range_error(w, scale, zero, maxq, norm)
+    scale, zero = range_params(lo, hi, maxq, symmetric, shrink, min_offset)
+    err = range_error(w, scale, zero, maxq, norm, min_offset)
     better = err < best_err
     return torch.where(better, err, best_err), torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
 
@@ -121,7 +179,7 @@ def find_params(w: torch.Tensor, cfg: GridConfig):
     """Grid of each slice along the last dim of ``w`` (a row or a group)."""
     if cfg.search == "mse":
         return mse_params(w, cfg)
-    return minmax_params(w, cfg.maxq, cfg.symmetric)
+    return minmax_params(w, cfg.maxq, cfg.symmetric, min_offset=cfg.min_offset)
 
 
 def grouped(w: torch.Tensor, width: int) -> torch.Tensor:
@@ -132,7 +190,12 @@ def grouped(w: torch.Tensor, width: int) -> torch.Tensor:
 def group_params(w: torch.Tensor, cfg: GridConfig):
     """Per-group scale and zero for a weight ``[..., d_in]``: shapes ``[..., n_groups]``."""
     scale, zero = find_params(grouped(w, cfg.group_width(w.shape[-1])), cfg)
-    return scale.squeeze(-1), zero.squeeze(-1)
+    scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+    if cfg.lattice is None:
+        return scale, zero
+    # on the lattice before any compensation, so the solvers see the error the file will have
+    lat = lattice(cfg.lattice)
+    return place_scales(scale, lat), (place_minimums(zero, lat) if lat.min_offset else zero)
 
 
 def expand_groups(p: torch.Tensor, d_in: int) -> torch.Tensor:
@@ -144,4 +207,4 @@ def rtn(w: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
     """Round to nearest on a min/max (or MSE) grid: the floor every method must beat."""
     scale, zero = group_params(w, cfg)
     d_in = w.shape[-1]
-    return fake_quantize(w, expand_groups(scale, d_in), expand_groups(zero, d_in), cfg.maxq)
+    return grid_functions(cfg)[0](w, expand_groups(scale, d_in), expand_groups(zero, d_in), cfg.maxq)

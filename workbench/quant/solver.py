@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .grid import GridConfig, expand_groups, fake_quantize, group_params, quantize_codes
+from .grid import GridConfig, expand_groups, grid_functions, group_params
+from .lattice import lattice, place_scales
 from .weight import QuantizedWeight, from_codes
 
 
@@ -79,9 +80,11 @@ def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: to
     """GPTQ's column loop on ``W [B, R, C]`` with ``U [B|1, C, C]``; returns the quantized weights.
 
     ``scale``/``zero`` are per column ``[B, R, C]``; with ``dynamic`` a group's slices are filled
-    (in place) from the current, already updated weights when its first column is reached.
+    (in place) from the current, already updated weights when its first column is reached
+    (``group_width`` columns at once: a group, or a K-quant super-block of groups).
     """
     C = W.shape[-1]
+    fake_quantize = grid_functions(grid)[0]
     U = U.expand(W.shape[0], C, C)
     # columns as contiguous rows: the rank-1 updates then stream through memory in order
     Wt, st, zt = (t.transpose(1, 2).contiguous() for t in (W, scale, zero))
@@ -102,8 +105,8 @@ def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: to
             col = i1 + i
             if dynamic and group_width < C and col % group_width == 0:
                 s, z = group_params(W1[:, i:i + group_width].transpose(1, 2), grid)
-                st[:, col:col + group_width] = s.transpose(1, 2)
-                zt[:, col:col + group_width] = z.transpose(1, 2)
+                st[:, col:col + group_width] = expand_groups(s, group_width).transpose(1, 2)
+                zt[:, col:col + group_width] = expand_groups(z, group_width).transpose(1, 2)
             w = w_cols[i]
             q = fake_quantize(w, s_cols[i], z_cols[i], grid.maxq)
             q_cols[i].copy_(q)
@@ -208,15 +211,16 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
         Wf = dx_corrected_target(Wf, Hc, cross.to(torch.float32), cfg.dx_alpha)
     target = Wf.clone()
     gw = grid.group_width(C)
+    unit = grid.grid_unit(C)      # columns whose grids are made together
 
     # without act-order a group's grid is taken when its first column is reached (GPTQ); with it,
     # columns of a group are visited out of order, so a grid can only follow a row as a whole
     dynamic_groups = not (cfg.grid_at_start or cfg.act_order)
-    grid_per_row = not cfg.grid_at_start and not (dynamic_groups and gw < C)
+    grid_per_row = not cfg.grid_at_start and not (dynamic_groups and unit < C)
     rows_take_grids = H_out is not None and grid_per_row      # each row step sets its own grids
     scale = torch.empty_like(Wf)
     zero = torch.empty_like(Wf)
-    if not rows_take_grids and (cfg.grid_at_start or cfg.act_order or gw == C):
+    if not rows_take_grids and (cfg.grid_at_start or cfg.act_order or unit == C):
         s, z = group_params(Wf, grid)
         scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
 
@@ -230,7 +234,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     U_in = inverse_cholesky_upper(Hd)
 
     if H_out is None:
-        Q = gptq_columns(Wf, U_in, scale, zero, grid, gw, dynamic_groups, cfg.block_size)
+        Q = gptq_columns(Wf, U_in, scale, zero, grid, unit, dynamic_groups, cfg.block_size)
     else:
         Ho = damped(H_out.to(torch.float32), cfg.damp)
         U_out = inverse_cholesky_upper(Ho)
@@ -243,7 +247,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
                 s, z = _row_grid(Wf[:, r0:r1], perm, inv, grid)
                 scale[:, r0:r1], zero[:, r0:r1] = s, z
             rows = Wf[:, r0:r1].clone()
-            Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, gw,
+            Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, unit,
                                        dynamic_groups, cfg.block_size)
             if r1 < R:
                 Wf[:, r1:] += row_compensation(U_out, r0, r1) @ (Wf[:, r0:r1] - Q[:, r0:r1])
@@ -252,11 +256,19 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
         Q, scale, zero = (_permute_cols(t, inv) for t in (Q, scale, zero))
 
     scale_g, zero_g = scale[..., ::gw], zero[..., ::gw]
+    _, quantize_codes, dequantize = grid_functions(grid)
     codes = quantize_codes(Q, scale, zero, grid.maxq)
     if cfg.refine_iters > 0:
-        scale_g = refine_scales(codes, scale_g, zero_g, target, Hd_orig.expand(heads, C, C),
-                                None if H_out is None else Ho, gw, cfg.refine_iters)
-        Q = (codes - expand_groups(zero_g, C)) * expand_groups(scale_g, C)
+        if grid.min_offset:   # W_hat = s c - m: the scales' loss is that of codes c about W + m
+            scale_g = refine_scales(codes, scale_g, torch.zeros_like(zero_g), target + expand_groups(zero_g, C),
+                                    Hd_orig.expand(heads, C, C), None if H_out is None else Ho, gw,
+                                    cfg.refine_iters)
+        else:
+            scale_g = refine_scales(codes, scale_g, zero_g, target, Hd_orig.expand(heads, C, C),
+                                    None if H_out is None else Ho, gw, cfg.refine_iters)
+        if grid.lattice is not None:   # back onto the scales the file can hold
+            scale_g = place_scales(scale_g, lattice(grid.lattice))
+        Q = dequantize(codes, expand_groups(scale_g, C), expand_groups(zero_g, C))
 
     loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
                           None if H_out is None else H_out.to(torch.float32))

@@ -5,21 +5,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import GridConfig, dequantize, expand_groups
+from .grid import GridConfig, expand_groups, grid_functions
 
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes on a grid: ``W_hat = scale * (codes - zero)`` per group of input columns."""
+    """Integer codes on a grid: ``W_hat = scale * (codes - zero)`` per group of input columns
+    (``scale * codes - zero`` on a GGUF lattice with a stored minimum, ``grid.min_offset``)."""
     codes: torch.Tensor     # [d_out, d_in] integers in [0, 2^bits - 1] (uint8)
     scale: torch.Tensor     # [d_out, n_groups]
-    zero: torch.Tensor      # [d_out, n_groups]
+    zero: torch.Tensor      # [d_out, n_groups]: zero points in codes, or minimums in weight units
     grid: GridConfig
 
     def dequantize(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The weight in float32; ``scale`` replaces the stored one (e.g. as a format stores it)."""
         d_in = self.codes.shape[-1]
         s = self.scale if scale is None else scale
+        dequantize = grid_functions(self.grid)[2]
         return dequantize(self.codes.float(), expand_groups(s.float(), d_in), expand_groups(self.zero.float(), d_in))
 
     def cpu(self) -> "QuantizedWeight":
