@@ -8,10 +8,11 @@ from workbench.data import BUILTIN_TEXTS
 
 
 def tiny_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>"], show_progress=False)
     text = BUILTIN_TEXTS["wikitext2"].read_text()[:200_000].splitlines()
     tok.train_from_iterator(text, trainer)

@@ -13,7 +13,8 @@ from .data import calibration_windows, evaluation_windows
 from .engine import BlockQuantizer, EngineResult, resolve_device
 from .errors import WorkbenchError
 from .evaluate import perplexity
-from .export import check_save_dir, save_quantized
+from .export import FORMAT_FAKE, FORMAT_PACKED, check_save_dir, save_fake_quant, save_quantized
+from .export_gguf import check_gguf_model, save_gguf
 from .methods import method_spec
 from .models.loading import LoadedModel, load_model
 from .patterns import matches
@@ -55,11 +56,13 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if report_path is not None:
         check_writable(report_path)
     if save_dir is not None:
-        check_save_dir(save_dir, overwrite)
+        check_save_dir(save_dir, overwrite, packed=cfg.format == FORMAT_PACKED)
     device = resolve_device(cfg.device)
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
     _check_group_size(loaded, cfg.grid())
+    if cfg.gguf_type is not None:
+        check_gguf_model(loaded.model)
     _check_ignore(loaded, cfg.ignore)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
@@ -95,10 +98,19 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                     peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
     out = QuantizeResult(loaded.model, tok, report, result.packed)
     if save_dir is not None:
-        save_quantized(out, save_dir, overwrite=overwrite)
+        save(out, cfg, save_dir, overwrite)
     if report_path is not None:
         report.to_json(report_path)
     return out
+
+
+def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False):
+    """Write the run in ``cfg.format``; returns the export's sizes."""
+    if cfg.gguf_type is not None:
+        return save_gguf(result, path, overwrite=overwrite)
+    if cfg.format == FORMAT_FAKE:
+        return save_fake_quant(result, path, overwrite=overwrite)
+    return save_quantized(result, path, overwrite=overwrite)
 
 
 def _check_group_size(loaded: LoadedModel, grid: GridConfig):

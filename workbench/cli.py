@@ -12,8 +12,8 @@ def add_quantize_parser(sub):
     add_setting_flags(p)
     out = p.add_argument_group("output")
     out.add_argument("--report", default=None, help="write the JSON report here")
-    out.add_argument("--save", default=None, metavar="DIR", help="write the quantized model here "
-                     "(compressed-tensors pack-quantized, loads in transformers/vLLM)")
+    out.add_argument("--save", default=None, metavar="DIR", help="write the quantized model into this directory, "
+                     "in --format (one .gguf file for gguf:TYPE)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_quantize)

@@ -17,6 +17,7 @@ from .methods import INITS, METHODS, LearnedOptions, method_spec
 from .models.loading import DEFAULT_MODEL, EMBEDDED
 from .patterns import pattern_problem
 from .quant.grid import SEARCHES, GridConfig
+from .quant.lattice import LATTICES, lattice
 from .quant.solver import SolverConfig
 from .settings import Setting, defaults_of, device_problem, setting, settings_of
 
@@ -24,6 +25,9 @@ _LEARNED = LearnedOptions()
 SOLVERS = ("gptq", "boa", "turboboa", "aespa")          # the column-loop solver runs (aespa: its start)
 ATTENTION = ("boa", "turboboa", "aespa")                 # attention-aware q/k/v factors
 STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
+GGUF_PREFIX = "gguf:"
+FORMATS = ("pack-quantized", "fake-quant") + tuple(GGUF_PREFIX + t for t in LATTICES)
+INTEGER_ZERO = ("aespa", "brecq")    # learned rounding keeps an integer zero point: no stored minimums
 
 
 def _group_problem(value: int) -> str | None:
@@ -62,6 +66,10 @@ class QuantizeConfig:
     group_size: int = setting(64, int, "Group size", "input columns per grid; -1 = one grid per output channel",
                               suggestions=(-1, 32, 64, 192), check=_group_problem, group="grid")
     symmetric: bool = setting(False, bool, "Symmetric", "symmetric grid (zero point in the middle)", group="grid")
+    format: str = setting("pack-quantized", str, "Format", "what --save writes and the grid it quantizes to: "
+                          "pack-quantized (compressed-tensors, transformers/vLLM), fake-quant (float16), or gguf:TYPE "
+                          "(one llama.cpp file; the grids are TYPE's exact lattice, bits, group size and symmetry "
+                          "follow from it)", choices=FORMATS, group="grid")
     grid_search: str | None = setting(None, str, "Grid search", "range search of the grids", choices=SEARCHES,
                                       optional=True, none_means="mse for the solvers, minmax for rtn", group="grid")
     max_blocks: int | None = setting(None, int, "Max blocks", "quantize only the first N blocks (0 or empty: all)",
@@ -105,9 +113,15 @@ class QuantizeConfig:
     init: str | None = setting(None, str, "Start from", f"aespa's starting rounding; default {_LEARNED.init}",
                                choices=INITS, optional=True, methods=("aespa",), group="learned")
 
+    @property
+    def gguf_type(self) -> str | None:
+        return self.format[len(GGUF_PREFIX):] if self.format.startswith(GGUF_PREFIX) else None
+
     def grid(self) -> GridConfig:
-        return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                          search=self.grid_search or method_spec(self.method).grid_search)
+        search = self.grid_search or method_spec(self.method).grid_search
+        if self.gguf_type is not None:
+            return GridConfig.for_lattice(self.gguf_type, search)
+        return GridConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, search=search)
 
     def solver(self) -> SolverConfig:
         base = method_spec(self.method).solver or SolverConfig()
@@ -149,7 +163,27 @@ def build_config(values: dict, face: str) -> QuantizeConfig:
     parsed = {name: SETTINGS[name].parse(v, face) for name, v in values.items()}
     cfg = QuantizeConfig(**parsed)
     check_combination(cfg, face)
-    return cfg
+    return on_format_grid(cfg, face)
+
+
+def on_format_grid(cfg: QuantizeConfig, face: str) -> QuantizeConfig:
+    """A GGUF format fixes the grid: bits, group size and symmetry left at their defaults take the
+    type's values, others that differ from them are refused."""
+    if cfg.gguf_type is None:
+        return cfg
+    lat = lattice(cfg.gguf_type)
+    fmt = SETTINGS["format"].who(face)
+    wanted = {"bits": lat.bits, "group_size": lat.sub_block, "symmetric": lat.symmetric}
+    for name, value in wanted.items():
+        if getattr(cfg, name) not in (value, DEFAULTS[name]):
+            raise WorkbenchError(f"{SETTINGS[name].who(face)} {getattr(cfg, name)} does not fit {fmt} {cfg.format}, "
+                                 f"which stores {lat.bits}-bit {'symmetric' if lat.symmetric else 'asymmetric'} "
+                                 f"groups of {lat.sub_block}; leave {SETTINGS[name].who(face)} out or set it to {value}")
+    if lat.min_offset and cfg.method in INTEGER_ZERO:
+        fixed = [GGUF_PREFIX + n for n, t in LATTICES.items() if not t.min_offset]
+        raise WorkbenchError(f"{cfg.method} rounds on integer zero points, and {cfg.format} stores a float16 minimum "
+                             f"instead; choose a type with a fixed zero point ({', '.join(fixed)}) or another method")
+    return dataclasses.replace(cfg, **wanted)
 
 
 def for_method(values: dict, method: str, face: str) -> QuantizeConfig:

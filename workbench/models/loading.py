@@ -42,16 +42,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "quant-workbench"))
 
 
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an embedded model ships as."""
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise WorkbenchError(f"the embedded model {name!r} needs the package that ships it: {spec.install}")
+    return Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+
+
 def embedded_checkpoint(name: str) -> Path:
     """Float32 checkpoint of an embedded model, converted from its GGUF on first use."""
     spec = EMBEDDED[name]
     target = cache_root() / f"{name}-float32"
     if (target / "config.json").exists():
         return target
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise WorkbenchError(f"the embedded model {name!r} needs the package that ships it: {spec.install}")
-    src = Path(list(found.submodule_search_locations)[0])
+    src = embedded_gguf(name).parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
