@@ -172,10 +172,17 @@ def same_as_source(tensor: torch.Tensor, source) -> bool:
     return np.array_equal(values.astype(np.float32), tensor.detach().float().numpy())
 
 
-def gguf_tensors(result, reader) -> list[tuple[str, np.ndarray, object, bool]]:
-    """``(name, data, raw type or None, quantized here)`` for every tensor of the file, in the model's order."""
+FLOAT_TYPES = {"norm": np.float32, "embedding": np.float16, "linear": np.float32}   # what is not packed
+
+
+def gguf_tensors(model, packed: dict, reader, float_types: dict | None = None) -> list[tuple[str, np.ndarray, object, bool]]:
+    """``(name, data, raw type or None, quantized here)`` for every tensor of the file, in the model's order.
+
+    A tensor that is not packed keeps the source file's bytes when it still holds their values
+    (``reader``), else it is written in ``float_types``: norms, embedding and head, other linears.
+    """
     import gguf
-    model, packed = result.model, result.packed
+    float_types = {**FLOAT_TYPES, **(float_types or {})}
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
@@ -200,11 +207,35 @@ def gguf_tensors(result, reader) -> list[tuple[str, np.ndarray, object, bool]]:
         source = sources.get(name)
         if same_as_source(value, source):
             out.append((name, np.asarray(source.data), source.tensor_type, False))
-        elif value.dim() == 1 or not name.startswith(("token_embd", "output.")):
-            out.append((name, value.numpy().astype(np.float32), None, False))   # norms; linears kept in full precision
-        else:
-            out.append((name, value.numpy().astype(np.float16), None, False))
+            continue
+        kind = "norm" if value.dim() == 1 else "embedding" if name.startswith(("token_embd", "output.")) else "linear"
+        out.append((name, value.numpy().astype(float_types[kind]), None, False))
     return out
+
+
+def write_gguf(file: Path, model, tokenizer, packed: dict, model_name: str, file_type: str,
+               keep_source: bool = True, float_types: dict | None = None) -> list:
+    """Write the file (no staging: see :func:`save_gguf`); returns what :func:`gguf_tensors` gave."""
+    import gguf
+    check_gguf_model(model)
+    src = source_gguf(model_name)
+    reader = gguf.GGUFReader(src) if src is not None else None
+    tensors = gguf_tensors(model, packed, reader if keep_source else None, float_types)
+    writer = gguf.GGUFWriter(file, arch="llama")
+    if reader is not None:
+        copy_metadata(writer, reader)
+    else:
+        write_hyperparameters(writer, model.config)
+        write_tokenizer(writer, tokenizer, model.config.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, data, raw, _ in tensors:
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
 
 
 # -- writing and reading -----------------------------------------------------------------------------
@@ -212,30 +243,14 @@ def gguf_tensors(result, reader) -> list[tuple[str, np.ndarray, object, bool]]:
 def save_gguf(result, path: str | os.PathLike, overwrite: bool = False) -> ExportInfo:
     """Write ``result`` (from :func:`workbench.quantize` with ``format="gguf:TYPE"``) into ``path``:
     one ``.gguf`` file for llama.cpp and ``export.json`` with the sizes. Returns the sizes."""
-    import gguf
     path = check_save_dir(path, overwrite, packed=False)
     check_gguf_model(result.model)
     lattice = lattice_of(result.packed)
     model_name = result.report.model if getattr(result, "report", None) is not None else "model"
-    src = source_gguf(model_name)
-    reader = gguf.GGUFReader(src) if src is not None else None
-    tensors = gguf_tensors(result, reader)
     file_name = gguf_name(model_name, lattice)
     with staging_dir(path, overwrite, packed=False) as tmp:
-        writer = gguf.GGUFWriter(tmp / file_name, arch="llama")
-        if reader is not None:
-            copy_metadata(writer, reader)
-        else:
-            write_hyperparameters(writer, result.model.config)
-            write_tokenizer(writer, result.tokenizer, result.model.config.vocab_size)
-        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[lattice]))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for name, data, raw, _ in tensors:
-            writer.add_tensor(name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        tensors = write_gguf(tmp / file_name, result.model, result.tokenizer, result.packed, model_name,
+                             FILE_TYPES[lattice])
         info = measure_gguf(tmp / file_name, tensors, result, lattice)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info

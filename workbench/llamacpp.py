@@ -73,3 +73,18 @@ def perplexity(path, windows: torch.Tensor, threads: int | None = None, progress
             if progress is not None:
                 progress(i + 1, windows.shape[0])
     return math.exp(total / count)
+
+
+def quantize_file(source: str | os.PathLike, target: str | os.PathLike, file_type: str,
+                  threads: int | None = None) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``, no importance matrix) from a float GGUF:
+    the baseline the workbench's files are compared with. ``file_type``: ``gguf.LlamaFileType`` name."""
+    require_llama_cpp()
+    import ctypes
+
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{file_type}")
+    params.nthread = threads or os.cpu_count()
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise WorkbenchError(f"llama.cpp could not quantize {source} to {file_type}")
