@@ -1,7 +1,7 @@
 """Quant Workbench: post-training quantization you can see into."""
 from .api import QuantizeConfig, QuantizeResult, quantize
 from .errors import Cancelled, WorkbenchError
-from .export import load_quantized
+from .checkpoint import load_quantized
 from .models.loading import load_model
 from .report import LayerRecord, Report
 

@@ -454,15 +454,11 @@ def read_packed(path: Path, scheme: WeightScheme) -> dict[str, QuantizedWeight]:
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> QuantizedCheckpoint:
-    """Load a checkpoint written by :func:`save_quantized` through transformers + compressed-tensors,
-    or a ``.gguf`` file (or the directory ``save_gguf`` wrote) as its dequantized model.
+    """Load a checkpoint written by :func:`save_quantized` through transformers + compressed-tensors.
 
     The model comes back dense in ``dtype`` (float32 matches the in-memory quantized model),
     with the codes and grids read from disk in ``packed``.
     """
-    from .export_gguf import is_gguf, load_gguf
-    if is_gguf(path):
-        return load_gguf(path, dtype)
     require_compressed_tensors()
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
