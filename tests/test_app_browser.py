@@ -9,10 +9,12 @@ import os
 import socket
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
+import workbench
 from workbench.errors import Cancelled, WorkbenchError
 from workbench.jobs import Job
 from workbench.ui import build_app
@@ -106,9 +108,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_checkpoints):
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("app-runs")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_checkpoints, runs_dir):
     _need_browser()
-    demo = build_app(default_model=tiny_checkpoints["llama"], start=TINY, models=ModelCache())
+    demo = build_app(default_model=tiny_checkpoints["llama"], start=TINY, models=ModelCache(), runs_dir=runs_dir)
     port = _free_port()
     FILES_ROOT.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -142,7 +149,7 @@ def _set(page, elem_id, value):
 
 
 @pytest.mark.browser
-def test_quantize_compare_inspect_in_a_browser(app_url, browser):
+def test_quantize_compare_inspect_in_a_browser(app_url, browser, runs_dir):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(120_000)
     page.goto(app_url)
@@ -167,6 +174,28 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser):
     files = page.locator("#wb-q-files").inner_text()
     assert ".json" in files and ".csv" in files
     _shot(page, "app-quantize.png")
+
+    # save the run under the workspace and download it as a zip: the files `quantize --save` writes
+    page.locator("#wb-save-panel").get_by_text("Save the quantized model").click()
+    page.locator("#wb-save-name textarea, #wb-save-name input").first.fill("../escape")
+    page.locator("#wb-save").click()
+    page.wait_for_selector("#wb-save-status .wb-error")
+    assert "no slashes" in page.locator("#wb-save-status").inner_text()
+    page.locator("#wb-save-name textarea, #wb-save-name input").first.fill("boa-tiny")
+    page.locator("#wb-save").click()
+    page.wait_for_selector("#wb-save-status .wb-ok")
+    assert "pack-quantized to" in page.locator("#wb-save-status").inner_text()
+    with page.expect_download() as download:
+        page.locator("#wb-save-zip a").first.click()
+    zipped = runs_dir / "downloaded.zip"
+    download.value.save_as(zipped)
+    with zipfile.ZipFile(zipped) as z:
+        assert "boa-tiny/config.json" in z.namelist() and "boa-tiny/export.json" in z.namelist()
+    back = workbench.load_quantized(runs_dir / "boa-tiny")
+    assert len(back.packed) == 14 and back.scheme.bits == TINY["bits"]
+    page.locator("#wb-save").click()                      # the folder exists now: refused without Replace
+    page.wait_for_selector("#wb-save-status :text('--overwrite')")
+    _shot(page, "app-save.png")
 
     # another visitor sees none of it, and their Cancel touches nothing
     other = browser.new_context().new_page()

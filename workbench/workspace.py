@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .api import QuantizeResult, quantize
+from .api import QuantizeResult, quantize, save
 from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
 from .diagnostics.spectra import Spectra, hessian_spectra
 from .engine import Event, resolve_device
-from .errors import Cancelled
+from .errors import Cancelled, WorkbenchError
 from .evaluate import perplexity
 from .models.loading import LoadedModel, load_model
 from .report import Report
@@ -121,6 +121,7 @@ class Outcome:
     report: Report
     reconstruction: Reconstruction
     layers: pd.DataFrame = field(default=None)
+    packed: dict | None = field(default=None, repr=False)   # the codes, kept while the run can be saved
 
     def __post_init__(self):
         if self.layers is None:
@@ -206,7 +207,20 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
         recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
                                       batch_size=cfg.batch_size, device=resolve_device(cfg.device),
                                       max_blocks=cfg.max_blocks, cancel=cancel)
-    return Outcome(cfg, result.report, recon)
+    return Outcome(cfg, result.report, recon, packed=result.packed)
+
+
+def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelCache = MODELS):
+    """Write a finished run as ``workbench quantize --save`` does, in the run's format: the cached
+    model with the run's codes in place of its quantized layers. Returns the export's sizes."""
+    if outcome.packed is None:
+        raise WorkbenchError("this run's quantized weights are no longer kept; run it again to save it")
+    work = models.get(outcome.config.model).working_copy()
+    for name, q in outcome.packed.items():
+        layer = work.model.get_submodule(name)
+        layer.weight.data = q.dequantize().to(layer.weight.dtype)
+    return save(QuantizeResult(work.model, work.tokenizer, outcome.report, outcome.packed), outcome.config, path,
+                overwrite)
 
 
 def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, cancel=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from pathlib import Path
 
 import gradio as gr
 
@@ -22,12 +23,14 @@ from .session import FILES_ROOT, Session, close_session
 
 log = logging.getLogger("workbench.ui")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+DEFAULT_WORKSPACE = "workbench-runs"
 
 
 def build_app(default_model: str | None = None, start: dict | None = None, method: str = "gptq",
-              models: ModelCache | None = None) -> gr.Blocks:
+              models: ModelCache | None = None, runs_dir: str | Path = DEFAULT_WORKSPACE) -> gr.Blocks:
     """The page. ``start`` holds the form's starting values by setting name (over a quick look:
-    ``form.APP_START``), ``default_model`` the model it opens on, ``method`` the Quantize tab's method."""
+    ``form.APP_START``), ``default_model`` the model it opens on, ``method`` the Quantize tab's method,
+    ``runs_dir`` the folder saved models go to."""
     start = dict(start or {})
     if default_model is not None:
         start["model"] = default_model
@@ -38,7 +41,7 @@ def build_app(default_model: str | None = None, start: dict | None = None, metho
         form = build_form(start)
         with gr.Tabs(elem_id="wb-tabs"):
             with gr.Tab("Quantize", id="quantize", elem_id="wb-tab-quantize"):
-                build_quantize_tab(form, session, models, method)
+                build_quantize_tab(form, session, models, method, Path(runs_dir).expanduser())
             with gr.Tab("Compare", id="compare", elem_id="wb-tab-compare"):
                 build_compare_tab(form, session, models)
             with gr.Tab("Inspect", id="inspect", elem_id="wb-tab-inspect") as inspect_tab:
@@ -67,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model the page opens on")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--workspace", default=DEFAULT_WORKSPACE, metavar="DIR",
+                   help="folder the Quantize tab saves models into (one folder per save)")
     p.add_argument("--no-preload", dest="preload", action="store_false", help="load the model on the first run")
     return p.parse_args(argv)
 
@@ -76,7 +81,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..models.loading import quiet_transformers
     quiet_transformers()
-    demo = build_app(default_model=args.model)
+    demo = build_app(default_model=args.model, runs_dir=args.workspace)
     if args.preload:
         preload(args.model)
     FILES_ROOT.mkdir(parents=True, exist_ok=True)

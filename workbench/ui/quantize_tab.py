@@ -1,8 +1,11 @@
 """The Quantize tab: one method, live per-layer progress, perplexity, table and downloads."""
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -19,6 +22,7 @@ from .views import (TabView, connect_cancel, empty_layers, error_text, file_stem
 
 PLOT_EVERY = 0.4   # seconds between plot refreshes while layers stream in
 TITLE = "Relative output error per layer"
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -30,7 +34,7 @@ class QuantizeView(TabView):
 
 
 def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCache,
-                       start_method: str = "gptq") -> QuantizeView:
+                       start_method: str = "gptq", runs_dir: Path = Path("workbench-runs")) -> QuantizeView:
     gr.Markdown(text.QUANTIZE)
     with gr.Row():
         method = gr.Radio([(method_label(m), m) for m in METHODS], value=start_method, label="Method",
@@ -54,7 +58,48 @@ def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCac
     run.click(on_run, [session, method, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
     connect_cancel(cancel, session, view.status)
+    build_save_panel(session, models, runs_dir)
     return view
+
+
+def build_save_panel(session: gr.State, models: workspace.ModelCache, runs_dir: Path):
+    """Save the last run's model under the operator's workspace folder, and offer it as a zip."""
+    with gr.Accordion("Save the quantized model", open=False, elem_id="wb-save-panel"):
+        gr.Markdown(f"Writes the last run in its **Format** (the form's setting: pack-quantized for transformers "
+                    f"and vLLM, fake-quant float16, or gguf:TYPE for llama.cpp) into a folder under the app's "
+                    f"workspace, `{runs_dir.name}/`: the same files as `workbench quantize --save`.")
+        with gr.Row():
+            folder = gr.Textbox(label="Folder name", placeholder="empty: named after the run", elem_id="wb-save-name",
+                                scale=3)
+            overwrite = gr.Checkbox(label="Replace an existing folder", value=False, elem_id="wb-save-overwrite")
+            save = gr.Button("Save", elem_id="wb-save")
+        status = gr.HTML(elem_id="wb-save-status")
+        download = gr.File(label="Download (zip)", elem_id="wb-save-zip", interactive=False)
+
+    def on_save(sess, name, replace):
+        try:
+            return save_last_run(sess, models, runs_dir, name, replace)
+        except WorkbenchError as exc:
+            return message_html(str(exc), "error"), None
+
+    save.click(on_save, [session, folder, overwrite], [status, download], show_progress="minimal")
+
+
+def save_last_run(sess, models: workspace.ModelCache, runs_dir: Path, name: str, replace: bool):
+    outcome = sess.last_quantize
+    if outcome is None:
+        raise WorkbenchError("nothing to save yet: press Run first")
+    name = (name or "").strip() or file_stem(outcome.config)
+    if not FOLDER_NAME.fullmatch(name) or name in (".", ".."):
+        raise WorkbenchError(f"Folder name {name!r} may hold letters, digits, '.', '-' and '_' only (no slashes), "
+                             f"128 characters at most")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    info = workspace.save_outcome(outcome, runs_dir / name, overwrite=bool(replace), models=models)
+    archive = shutil.make_archive(str(sess.files_dir() / name), "zip", root_dir=runs_dir, base_dir=name)
+    note = (f"saved {outcome.config.format} to {runs_dir.name}/{name}: quantized layers {info.quantized_bytes / 1e6:.1f} MB "
+            f"against {info.float16_bytes / 1e6:.1f} MB in float16 ({info.ratio:.2f}x smaller), "
+            f"{info.total_bytes / 1e6:.1f} MB in all")
+    return message_html(note, "ok"), archive
 
 
 def finished_outputs(view: QuantizeView, sess, outcome, note: str) -> dict:

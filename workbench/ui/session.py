@@ -16,6 +16,7 @@ from ..workspace import spectra_key
 
 FILES_ROOT = Path(tempfile.gettempdir()) / "quant-workbench-app"
 RESULT_CAPACITY = 32
+SAVABLE_CAPACITY = 2       # runs whose codes stay in memory for Save (the whole model's, ~1 byte per weight)
 SPECTRA_CAPACITY = 4
 
 
@@ -55,6 +56,9 @@ class Session:
         self.results[key] = outcome
         while len(self.results) > RESULT_CAPACITY:
             self.results.popitem(last=False)
+        for old in list(self.results.values())[:-SAVABLE_CAPACITY]:
+            if old is not self.last_quantize:
+                old.packed = None
 
     def cached(self, config):
         return self.results.get(config)
