@@ -1,7 +1,7 @@
 """GGUF files side by side: llama.cpp's own quantizer against the workbench's RTN, GPTQ and TurboBoA
 written at the same type, each file run in llama.cpp on the workbench's evaluation windows.
 
-    python benchmarks/gguf.py                                   # q4_0, q4_1, q8_0 (about 40 minutes here)
+    python benchmarks/gguf.py                                   # q4_0, q4_1, q8_0 (about an hour here)
     python benchmarks/gguf.py --types q4_0 --methods gptq
 
 llama.cpp's rows quantize a float GGUF of the same model (linears float16) with
@@ -30,11 +30,11 @@ from workbench.export_gguf import FILE_TYPES, find_gguf, write_gguf  # noqa: E40
 from workbench.models.loading import load_model  # noqa: E402
 
 
-def file_row(path: Path, windows, **row) -> dict:
+def file_row(path: Path, windows, threads: int | None, read_back: bool, **row) -> dict:
     t0 = time.perf_counter()
-    row["llamacpp_ppl"] = llamacpp.perplexity(path, windows)
+    row["llamacpp_ppl"] = llamacpp.perplexity(path, windows, threads=threads)
     row["llamacpp_eval_seconds"] = time.perf_counter() - t0
-    row["workbench_ppl"] = perplexity(workbench.load_quantized(path).model, windows)
+    row["workbench_ppl"] = perplexity(workbench.load_quantized(path).model, windows) if read_back else None
     row["size_mb"] = find_gguf(path).stat().st_size / 1e6
     return row
 
@@ -43,7 +43,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--types", default="q4_0,q4_1,q8_0")
-    p.add_argument("--methods", default="rtn,gptq,turboboa", help="the workbench's rows (q8_0: rtn and gptq only)")
+    p.add_argument("--methods", default="gptq,turboboa,rtn", help="the workbench's rows (q8_0: rtn and gptq only)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: every core; on a "
+                   "busy machine 1 is faster, its threads wait for each other)")
+    p.add_argument("--read-back", action="store_true", help="also the workbench's perplexity of its own files read "
+                   "back (llama.cpp's files always are); it equals the in-memory one, the file holds the weights exactly")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
@@ -54,12 +58,15 @@ def main(argv=None) -> int:
     rows = []
     print(f"model {args.model}, calibration {args.calib_samples}x{args.seqlen}, evaluation {args.eval_windows}x"
           f"{args.seqlen}; ppl in llama.cpp / read back by the workbench / in memory after the run")
+    print("(the workbench's files hold its in-memory weights exactly: read back, they give the in-memory ppl)")
     print(f"{'type':<5} {'by':<10} {'size MB':>8} {'llama.cpp':>9} {'read back':>9} {'in memory':>9} {'quant s':>8}")
 
+    def cell(v):
+        return f"{v:9.3f}" if v else f"{'-':>9}"
+
     def show(row):
-        mem = f"{row['memory_ppl']:9.3f}" if row.get("memory_ppl") else f"{'-':>9}"
         print(f"{row['type']:<5} {row['by']:<10} {row['size_mb']:8.2f} {row['llamacpp_ppl']:9.3f} "
-              f"{row['workbench_ppl']:9.3f} {mem} {row['quant_seconds']:8.1f}", flush=True)
+              f"{cell(row['workbench_ppl'])} {cell(row.get('memory_ppl'))} {row['quant_seconds']:8.1f}", flush=True)
         rows.append(row)
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
@@ -72,7 +79,8 @@ def main(argv=None) -> int:
             target = Path(tmp) / f"llamacpp-{kind}.gguf"
             t0 = time.perf_counter()
             llamacpp.quantize_file(base, target, FILE_TYPES[kind])
-            show(file_row(target, windows, type=kind, by="llama.cpp", quant_seconds=time.perf_counter() - t0))
+            show(file_row(target, windows, args.threads, True, type=kind, by="llama.cpp",
+                          quant_seconds=time.perf_counter() - t0))
             for method in args.methods.split(","):
                 if kind == "q8_0" and method not in ("rtn", "gptq"):
                     continue
@@ -81,8 +89,8 @@ def main(argv=None) -> int:
                                      calib_samples=args.calib_samples, seqlen=args.seqlen,
                                      eval_windows=args.eval_windows)
                 rep = workbench.quantize(cfg, save_dir=out).report
-                show(file_row(out, windows, type=kind, by=method, quant_seconds=rep.quant_seconds,
-                              memory_ppl=rep.ppl_quant))
+                show(file_row(out, windows, args.threads, args.read_back, type=kind, by=method,
+                              quant_seconds=rep.quant_seconds, memory_ppl=rep.ppl_quant))
     return 0
 
 

@@ -194,3 +194,17 @@ def test_embedded_model_two_blocks_written_exactly(tmp_path, name):
     assert types["blk.0.attn_q.weight"] == name.upper()
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.ggml.pre", "llama.block"))}
     assert fields == {"tokenizer.ggml.pre": "smollm", "llama.block_count": 30}
+
+
+def test_a_saved_app_run_is_the_file_quantize_writes(wide_llama, tmp_path):
+    """The app saves a finished run (its codes put back into the cached model): the same bytes as
+    ``workbench quantize --save`` of the same settings."""
+    from workbench import workspace
+    cfg = workbench.QuantizeConfig(model=wide_llama, method="gptq", format="gguf:q4_1", **{**RUN, "eval_windows": 2})
+    outcome = workspace.run(cfg, models=workspace.ModelCache(), heldout=2)
+    workspace.save_outcome(outcome, tmp_path / "app", models=workspace.ModelCache())
+    workbench.quantize(cfg, save_dir=tmp_path / "cli")
+    assert find_gguf(tmp_path / "app").read_bytes() == find_gguf(tmp_path / "cli").read_bytes()
+    outcome.packed = None
+    with pytest.raises(WorkbenchError, match="run it again"):
+        workspace.save_outcome(outcome, tmp_path / "again")
