@@ -10,6 +10,7 @@ import torch
 
 from .config import QuantizeConfig
 from .data import calibration_windows, evaluation_windows
+from .distributed import from_environment
 from .engine import BlockQuantizer, EngineResult, resolve_device
 from .errors import WorkbenchError
 from .evaluate import perplexity
@@ -58,6 +59,10 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if save_dir is not None:
         check_save_dir(save_dir, overwrite, packed=cfg.format == FORMAT_PACKED)
     device = resolve_device(cfg.device)
+    ranks = from_environment()
+    if ranks.active and method_spec(cfg.method).block is not None:
+        raise WorkbenchError(f"{cfg.method} trains whole blocks on its own windows and is not data-parallel; run it "
+                             f"in one process (without torchrun)")
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
     _check_group_size(loaded, cfg.grid())
@@ -66,6 +71,9 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     _check_ignore(loaded, cfg.ignore)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
+    if ranks.active and calib.shape[0] < ranks.world:
+        raise WorkbenchError(f"--calib-samples {calib.shape[0]} is fewer than the {ranks.world} processes; give each "
+                             f"at least one window")
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -76,7 +84,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         key = (loaded.source, cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device))
         ppl_fp = _FP_PERPLEXITY.get(key) if fresh else None
         if ppl_fp is None:
-            ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel)
+            ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks)
             if fresh:
                 _FP_PERPLEXITY[key] = ppl_fp
     loaded.model.to("cpu")
@@ -84,19 +92,23 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
                             cfg.batch_size, cfg.max_blocks, on_event, cancel,
                             options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
-                                     "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore})
+                                     "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore},
+                            ranks=ranks)
     t0 = time.perf_counter()
-    result: EngineResult = engine.run(calib)
+    result: EngineResult = engine.run(ranks.share(calib))
     quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
-    ppl_q = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel)
+    ppl_q = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel,
+                                                  ranks=ranks)
     loaded.model.to("cpu")
 
     report = Report(model=cfg.model, method=cfg.method,
                     config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
-                            "device_resolved": str(device), "torch": torch.__version__},
+                            "device_resolved": str(device), "torch": torch.__version__, "processes": ranks.world},
                     ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
                     peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
     out = QuantizeResult(loaded.model, tok, report, result.packed)
+    if not ranks.leader:     # every rank holds the same model; one writes it
+        return out
     if save_dir is not None:
         save(out, cfg, save_dir, overwrite)
     if report_path is not None:

@@ -115,6 +115,13 @@ class AttentionHessians:
         self.samples += b
         self.tokens += b * L
 
+    def reduce(self, ranks):
+        """Sums over the ranks of a data-parallel run (``distributed.Ranks``), before ``finish``."""
+        if ranks.active:
+            ranks.sum_(self.G_keys, self.G_queries, self.H_value)
+            samples, tokens = ranks.sum_numbers(self.samples, self.tokens)
+            self.samples, self.tokens = int(samples), int(tokens)
+
     def finish(self, cos: torch.Tensor | None, sin: torch.Tensor | None, o_proj_weight: torch.Tensor | None = None) -> dict:
         """Factors per kind: ``{"q": {"H_out"}, "k": {"H_out"}, "v": {"H_in", "H_out"?}}``.
 

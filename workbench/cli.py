@@ -24,12 +24,14 @@ def run_quantize(args) -> int:
     from tqdm.auto import tqdm
 
     from .api import quantize
+    from .distributed import from_environment
     cfg = config_from_args(args)
+    leader = from_environment().leader      # under torchrun only rank 0 speaks
     bar = None
 
     def on_event(ev):
         nonlocal bar
-        if args.quiet:
+        if args.quiet or not leader:
             return
         if ev.kind == "start":
             bar = tqdm(total=ev.total, desc=f"{cfg.method} w{cfg.bits}", unit="layer", file=sys.stderr)
@@ -40,6 +42,8 @@ def run_quantize(args) -> int:
             bar.close()
 
     result = quantize(cfg, on_event=on_event, report_path=args.report, save_dir=args.save, overwrite=args.overwrite)
+    if not leader:
+        return 0
     r = result.report
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{r.model} {r.method} w{cfg.bits} g{cfg.group_size}: ppl fp {fmt(r.ppl_fp)} -> quant {fmt(r.ppl_quant)}, "

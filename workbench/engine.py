@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention_hessians import AttentionHessians
+from .distributed import SINGLE, Ranks
 from .errors import Cancelled
 from .hessians import InputCovariance, relative_error
 from .models import Family, Stage
@@ -146,8 +147,9 @@ class BlockQuantizer:
     def __init__(self, model: nn.Module, family: Family, method: Method, grid: GridConfig,
                  solver: SolverConfig, device: torch.device, batch_size: int = 4,
                  max_blocks: int | None = None, on_event: Callable[[Event], None] | None = None,
-                 cancel=None, options: dict | None = None):
+                 cancel=None, options: dict | None = None, ranks: Ranks = SINGLE):
         self.model, self.family, self.method, self.grid, self.solver = model, family, method, grid, solver
+        self.ranks = ranks        # data-parallel calibration: ``ids`` given to ``run`` are this rank's share
         self.device, self.batch_size, self.max_blocks = device, batch_size, max_blocks
         self.on_event, self.cancel, self.options = on_event, cancel, options or {}
         self.geometry = family.geometry(model.config)
@@ -245,13 +247,15 @@ class BlockQuantizer:
         cov = InputCovariance(stages[0].x.shape[-1], self.device, with_cross=stages_fp is not None)
         for i, st in enumerate(stages):
             cov.add(st.x, None if stages_fp is None else stages_fp[i].x)
+        cov.reduce(self.ranks)
         extra_stats = self.stage_statistics(block, kinds, stages, ctx)
         self.tick("statistics", t0)
         attention = kinds == self.family.attention_kinds
         fp_weights = {k: self.family.linear(block, k).weight.data.clone() for k in kinds} if attention else None
+        solved = self._solve_shared(b, block, todo, cov, extra_stats) if self.ranks.active else {}
         for kind in todo:
             self.check_cancel()
-            record = self._quantize_layer(b, block, kind, cov, extra_stats.get(kind, {}))
+            record = self._quantize_layer(b, block, kind, cov, extra_stats.get(kind, {}), solved.get(kind))
             if attention:
                 t1 = time.perf_counter()
                 record.extra["attn_rel_error"] = self.attention_error(block, kind, fp_weights, stages, ctx)
@@ -268,6 +272,7 @@ class BlockQuantizer:
         for st in stages:
             q, k, _ = self.family.qkv(attn, st.x, ctx)
             acc.add(st.x.float(), q.float(), k.float(), attn.scaling)
+        acc.reduce(self.ranks)
         cos, sin = (None, None) if ctx is None else (ctx[0][0].float(), ctx[1][0].float())
         return acc.finish(cos, sin, self.family.linear(block, "o").weight.data)
 
@@ -292,18 +297,41 @@ class BlockQuantizer:
                 l.weight.data = now[k]
         return num / den if den > 0 else 0.0
 
-    def _quantize_layer(self, b, block, kind, cov: InputCovariance, stats: dict) -> LayerRecord:
+    def _solve(self, block, kind, cov: InputCovariance, stats: dict) -> tuple[SolveResult, float]:
+        t0 = time.perf_counter()
+        res = self.method.layer(LayerProblem(self.family.linear(block, kind).weight.data, cov.H, stats, cov.C, kind,
+                                             self.grid, self.solver, self.options, self.check_cancel))
+        return res, time.perf_counter() - t0
+
+    def _solve_shared(self, b, block, todo, cov: InputCovariance, extra_stats: dict) -> dict:
+        """Data-parallel: each layer of the stage solved on the rank assigned to it, then broadcast."""
+        shapes = [self.family.linear(block, k).weight.shape for k in todo]
+        owners = self.ranks.assign([float(o) * float(i) ** 2 for o, i in shapes])    # column-loop cost
+        mine = {}
+        for kind, owner in zip(todo, owners):
+            if owner == self.ranks.rank:
+                self.check_cancel()
+                res, seconds = self._solve(block, kind, cov, extra_stats.get(kind, {}))
+                res.quantized = res.quantized.cpu()
+                mine[kind] = (res, seconds)
+        return {kind: self.ranks.broadcast(mine.get(kind), owner) for kind, owner in zip(todo, owners)}
+
+    def _quantize_layer(self, b, block, kind, cov: InputCovariance, stats: dict,
+                        solved: tuple[SolveResult, float] | None = None) -> LayerRecord:
         layer = self.family.linear(block, kind)
         self.emit(kind="layer_started", block=b, layer=self.family.layer_name(b, kind), layer_kind=kind)
-        t0 = time.perf_counter()
         W = layer.weight.data
-        res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,
-                                             self.check_cancel))
-        seconds = time.perf_counter() - t0
+        res, seconds = solved if solved is not None else self._solve(block, kind, cov, stats)
+        res.quantized = _on_device(res.quantized, W.device)
         self.result.timings["solve"] += seconds
         if kind in self.family.attention_kinds:
             self.result.timings["solve_qkv"] += seconds
         return self.record(block, b, kind, res.quantized, W, cov.H, res.loss, seconds, res.extra)
+
+
+def _on_device(q: QuantizedWeight, device) -> QuantizedWeight:
+    return q if q.codes.device == device else QuantizedWeight(q.codes.to(device), q.scale.to(device),
+                                                              q.zero.to(device), q.grid)
 
 
 def advance_stages(gens):

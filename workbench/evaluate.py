@@ -10,9 +10,9 @@ from .errors import Cancelled
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 4,
-               progress=None, cancel=None) -> float:
-    """exp of the mean next-token loss over all windows (each window scored on its own).
+def loss_sums(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 4,
+              progress=None, cancel=None) -> tuple[float, int]:
+    """Summed next-token loss over all windows (each window scored on its own) and the token count.
 
     ``cancel`` (anything with ``is_set()``) stops it between batches with ``Cancelled``.
     """
@@ -27,4 +27,16 @@ def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu",
         count += ids[:, 1:].numel()
         if progress is not None:
             progress(min(i + batch_size, windows.shape[0]), windows.shape[0])
+    return total, count
+
+
+def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 4,
+               progress=None, cancel=None, ranks=None) -> float:
+    """exp of the mean next-token loss over all windows; with data-parallel ``ranks`` each rank
+    scores its share and the sums are added up."""
+    if ranks is not None and ranks.active:
+        total, count = loss_sums(model, ranks.share(windows), device, batch_size, progress, cancel)
+        total, count = ranks.sum_numbers(total, count)
+    else:
+        total, count = loss_sums(model, windows, device, batch_size, progress, cancel)
     return math.exp(total / count)

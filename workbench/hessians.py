@@ -45,6 +45,13 @@ class InputCovariance:
         self.n += x2.shape[0]
         self._H = None
 
+    def reduce(self, ranks):
+        """Sums over the ranks of a data-parallel run (``distributed.Ranks``), before the solve."""
+        if ranks.active:
+            ranks.sum_(self.sum, self.cross)
+            self.n = int(ranks.sum_numbers(self.n)[0])
+            self._H = None
+
     @property
     def H(self) -> torch.Tensor:
         if self._H is None:
