@@ -55,11 +55,13 @@ def run_quantize(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .diagnostics.cli import add_parser as add_inspect_parser
     from .genie.cli import add_parser as add_genie_parser
+    from .sweep_cli import add_parser as add_sweep_parser
     parser = argparse.ArgumentParser(prog="workbench", description="Quant Workbench: post-training quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     add_quantize_parser(sub)
     add_genie_parser(sub)
     add_inspect_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
