@@ -61,6 +61,7 @@ def save_png(frame: pd.DataFrame, which: str, path: Path) -> Path:
             ax.plot(bits, ppl, marker="o", label=_name(method, group), color=method_color(method, i),
                     linestyle="-" if group != -1 else ":")
         ax.set(xlabel="weight bits", ylabel="perplexity", yscale="log", title="Perplexity against bits")
+        ax.set_xticks(sorted({b for s in series for b in s[2]}))
     else:
         width = 0.8 / max(len(series), 1)
         labels = sorted({b for s in series for b in s[2]})

@@ -1,0 +1,85 @@
+"""workbench sweep: points as Ray tasks on a local cluster, equal to the same points run one by one."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import workbench
+from workbench.errors import WorkbenchError
+from workbench.sweep import Point, grid_points, read_grid_file, sweep
+
+TINY = dict(calib_samples=4, seqlen=32, eval_windows=2, batch_size=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="ray is installed by scripts/setup.sh (the sweep extra)")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_grid_points_are_the_product_and_ids_are_stable():
+    points = grid_points({"model": "m"}, {"method": ["rtn", "gptq"], "bits": [4, 3, 2]})
+    assert len(points) == 6 and len({p.id for p in points}) == 6
+    assert points[0].id == grid_points({"model": "m"}, {"method": ["rtn"], "bits": [4]})[0].id
+    assert points[0].id.startswith("rtn-w4-g64-s0-")
+
+
+def test_grid_file_is_read_and_checked(tmp_path):
+    f = tmp_path / "grid.yaml"
+    f.write_text("base: {calib_samples: 4}\ngrid: {method: [rtn, gptq], bits: [3, 4]}\n")
+    assert read_grid_file(f) == ({"calib_samples": 4}, {"method": ["rtn", "gptq"], "bits": [3, 4]})
+    f.write_text("grid: {bitz: [3]}\n")
+    with pytest.raises(WorkbenchError, match="unknown settings: bitz"):
+        read_grid_file(f)
+
+
+def test_sweep_on_ray_equals_the_points_one_by_one(ray_cluster, tiny_checkpoints, tmp_path):
+    points = grid_points({"model": tiny_checkpoints["llama"], **TINY},
+                         {"method": ["rtn", "gptq"], "bits": [4, 3, 2]})
+    result = sweep(points, tmp_path / "sw", progress=False)
+    assert [r["status"] for r in result.rows] == ["done"] * 6
+    # Ray gives each task one thread; the references run with one thread too, so the sums agree
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for p, row in zip(points, result.rows):
+            ref = workbench.quantize(**p.values).report
+            saved = json.loads((tmp_path / "sw" / "points" / f"{p.id}.json").read_text())
+            assert saved["ppl_quant"] == pytest.approx(ref.ppl_quant, rel=1e-6) == row["ppl_quant"]
+            assert [layer["loss"] for layer in saved["layers"]] == pytest.approx([r.loss for r in ref.layers], rel=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("summary.csv", "summary.json", "ppl_vs_bits.png", "ppl_vs_bits.html", "seconds.png", "seconds.html"):
+        assert (tmp_path / "sw" / name).stat().st_size > 0
+    assert (tmp_path / "sw" / "ppl_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun finds every report and runs nothing
+    stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "sw" / "points").iterdir()}
+    again = sweep(points, tmp_path / "sw", progress=False)
+    assert [r["ppl_quant"] for r in again.rows] == [r["ppl_quant"] for r in result.rows]
+    assert stamps == {f.name: f.stat().st_mtime_ns for f in (tmp_path / "sw" / "points").iterdir()}
+
+
+def test_failed_points_are_recorded_and_the_others_finish(ray_cluster, tiny_checkpoints, tmp_path):
+    base = {"model": tiny_checkpoints["llama"], **TINY, "method": "rtn"}
+    points = grid_points(base, {"group_size": [16, 48]}) + [Point((("bits", 9),))]   # 48 does not divide 64
+    result = sweep(points, tmp_path / "sw", progress=False)
+    assert [r["status"] for r in result.rows] == ["done", "failed", "failed"]
+    assert "does not divide the input width 64" in result.rows[1]["error"]
+    assert "--bits must be at most 8" in result.rows[2]["error"]
+    failed = json.loads((tmp_path / "sw" / "points" / f"{points[1].id}.failed.json").read_text())
+    assert failed["settings"]["group_size"] == 48
+
+
+def test_cli_sweep(ray_cluster, tiny_checkpoints, tmp_path, capsys):
+    from workbench.cli import main
+    code = main(["sweep", "--model", tiny_checkpoints["llama"], "--methods", "rtn", "--bits", "4,3", "--group-size",
+                 "-1", "--calib-samples", "4", "--seqlen", "32", "--eval-windows", "2", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "sw")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 points done" in out and "rtn-w3-gpc-s0" in out
+    assert main(["sweep", "--out", str(tmp_path / "x"), "--quiet"]) == 2
