@@ -59,8 +59,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     device = resolve_device(cfg.device)
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
-    _check_group_size(loaded, cfg.grid())
-    _check_ignore(loaded, cfg.ignore)
+    check_against_model(loaded, cfg)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
@@ -99,6 +98,28 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if report_path is not None:
         report.to_json(report_path)
     return out
+
+
+def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api"):
+    """Refuse, before any work, settings the loaded model cannot take."""
+    _check_group_size(loaded, cfg.grid())
+    _check_ignore(loaded, cfg.ignore)
+    _check_seqlen(loaded, cfg.seqlen, face)
+
+
+def _check_seqlen(loaded: LoadedModel, seqlen: int, face: str):
+    """Windows longer than the model's positions, or than a sliding window the workbench's full causal
+    attention would not apply, would calibrate and evaluate on what the model never computes."""
+    from .config import SETTINGS
+    who, config = SETTINGS["seqlen"].who(face), loaded.model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise WorkbenchError(f"{who} {seqlen} is longer than the model's {limit} positions "
+                             f"(max_position_embeddings); use {who} {limit} or less")
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window and seqlen > window:
+        raise WorkbenchError(f"{who} {seqlen} is longer than the model's sliding window of {window} tokens, which "
+                             f"the workbench's full attention does not apply; use {who} {window} or less")
 
 
 def _check_group_size(loaded: LoadedModel, grid: GridConfig):

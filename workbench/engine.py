@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention_hessians import AttentionHessians
+from .devices import resolve_device  # noqa: F401  (the engine's callers import it from here)
 from .errors import Cancelled
 from .hessians import InputCovariance, relative_error
 from .models import Family, Stage
@@ -80,15 +81,6 @@ class Method(Protocol):
     fp_stream: bool                 # the full-precision model runs beside the quantized one
     layer: Callable[[LayerProblem], SolveResult] | None        # quantizes one layer of a stage
     block: Callable[["BlockQuantizer", BlockJob], tuple] | None  # replaces the stage-wise walk of a block
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import WorkbenchError
-        raise WorkbenchError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
 
 
 class _Catch(Exception):

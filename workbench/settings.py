@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .devices import device_problem  # noqa: F401  (the device setting's check, kept importable here)
 from .errors import WorkbenchError
 
 FACES = ("cli", "api", "app", "widgets")
@@ -192,8 +192,3 @@ def _patterns(who: str, raw) -> tuple[str, ...]:
         return _fail(who, f"must be text patterns, got {_show(raw)}")
     return tuple(p.strip() for p in items if p.strip())
 
-
-def device_problem(value: str) -> str | None:
-    if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
-        return None
-    return f"must be one of auto, cpu, cuda or cuda:N, got {value!r}"

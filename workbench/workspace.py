@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .api import QuantizeResult, quantize
+from .api import QuantizeResult, check_against_model, quantize
 from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
@@ -167,6 +167,7 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
     if shared is None:
         _say(on_event, f"{cfg.method}: loading {cfg.model}")
         shared = models.get(cfg.model)
+    check_against_model(shared.loaded, cfg)
     _check(cancel)
     _say(on_event, f"{cfg.method}: copying the model")
     work = shared.working_copy()
@@ -215,6 +216,7 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
     cfg = cfg.validate()
     _say(on_event, f"loading {cfg.model}")
     shared = models.get(cfg.model)
+    check_against_model(shared.loaded, cfg)
     _check(cancel)
     _say(on_event, "tokenizing the calibration text")
     ids = calibration_windows(shared.tokenizer, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
