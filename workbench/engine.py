@@ -17,13 +17,13 @@ from torch import nn
 
 from .attention_hessians import AttentionHessians
 from .devices import resolve_device  # noqa: F401  (the engine's callers import it from here)
-from .errors import Cancelled
+from .errors import Cancelled, WorkbenchError
 from .hessians import InputCovariance, relative_error
 from .models import Family, Stage
 from .models.base import attend
 from .patterns import matches
 from .quant.grid import GridConfig
-from .quant.solver import SolveResult, SolverConfig
+from .quant.solver import SolveResult, SolverConfig, SolverError
 from .quant.weight import QuantizedWeight
 from .report import LayerRecord
 
@@ -289,8 +289,18 @@ class BlockQuantizer:
         self.emit(kind="layer_started", block=b, layer=self.family.layer_name(b, kind), layer_kind=kind)
         t0 = time.perf_counter()
         W = layer.weight.data
-        res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,
-                                             self.check_cancel))
+        name = self.family.layer_name(b, kind)
+        if not bool(torch.isfinite(W).all()):
+            raise WorkbenchError(f"{name}: the weight has entries that are not finite (NaN or inf); the model "
+                                 f"cannot be quantized as it is")
+        if not bool(torch.isfinite(cov.H).all()):
+            raise WorkbenchError(f"{name}: the calibration activations reaching this layer are not finite (NaN or "
+                                 f"inf), so its Hessian is too; check the model in float32 on this text")
+        try:
+            res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,
+                                                 self.check_cancel))
+        except SolverError as exc:
+            raise WorkbenchError(f"{name}: {exc}") from None
         seconds = time.perf_counter() - t0
         self.result.timings["solve"] += seconds
         if kind in self.family.attention_kinds:
