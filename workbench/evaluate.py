@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -27,4 +28,6 @@ def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu",
         count += ids[:, 1:].numel()
         if progress is not None:
             progress(min(i + batch_size, windows.shape[0]), windows.shape[0])
-    return math.exp(total / count)
+    mean = total / count
+    # a loss past ~709 nats overflows exp: the perplexity is then infinite, which the report says, not a crash
+    return math.exp(mean) if mean < math.log(sys.float_info.max) else float("inf")

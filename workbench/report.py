@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import WorkbenchError
+from .jsonsafe import dumps, restore
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
-        d = dict(d)
+        d = restore(d)
         d["layers"] = [LayerRecord(**r) for r in d.get("layers", [])]
         return cls(**d)
 
@@ -50,7 +51,7 @@ class Report:
         return pd.DataFrame(rows, columns=None if rows else ["name", "block", "kind", "loss", "rel_error", "seconds"])
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        return write_atomic(path, json.dumps(self.to_dict(), indent=2))
+        return write_atomic(path, dumps(self.to_dict(), indent=2))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Report":

@@ -14,6 +14,7 @@ import pandas as pd
 from .. import workspace
 from ..config import QuantizeConfig
 from ..errors import WorkbenchError
+from ..jsonsafe import dumps
 from ..report import Report, check_writable, write_atomic
 from .reconstruction import Reconstruction
 from .spectra import Spectra
@@ -57,7 +58,7 @@ class Diagnosis:
                 "frames": frames}
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
+        return write_atomic(path, dumps(self.to_dict(), indent=1))
 
     def to_csv(self, directory: str | os.PathLike) -> list[Path]:
         directory = Path(directory).expanduser()

@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..jsonsafe import dumps
 from ..report import write_atomic
 from ..figures.style import method_label
 
@@ -107,7 +108,7 @@ def write_run_files(directory: Path, stem: str, outcomes: list) -> list[str]:
     bundle = [{"report": o.report.to_dict(),
                "heldout": {k: json.loads(f.to_json(orient="records")) for k, f in o.reconstruction.frames().items()}}
               for o in outcomes]
-    j = write_atomic(directory / f"{stem}.json", json.dumps(bundle[0] if len(bundle) == 1 else bundle, indent=1))
+    j = write_atomic(directory / f"{stem}.json", dumps(bundle[0] if len(bundle) == 1 else bundle, indent=1))
     layers = pd.concat([o.layers for o in outcomes], ignore_index=True)
     c = write_atomic(directory / f"{stem}-layers.csv", layers.to_csv(index=False))
     return [str(j), str(c)]
