@@ -5,6 +5,7 @@ import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,7 @@ from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import check_save_dir, save_quantized
 from .methods import method_spec
-from .models.loading import LoadedModel, load_model
+from .models.loading import LoadedModel, cache_root, load_model
 from .patterns import matches
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
@@ -55,7 +56,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if report_path is not None:
         check_writable(report_path)
     if save_dir is not None:
-        check_save_dir(save_dir, overwrite)
+        check_save_dir(save_dir, overwrite, bits=cfg.bits, keep=sources(cfg.model))
     device = resolve_device(cfg.device)
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
@@ -93,11 +94,21 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                     ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
                     peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
     out = QuantizeResult(loaded.model, tok, report, result.packed)
-    if save_dir is not None:
-        save_quantized(out, save_dir, overwrite=overwrite)
+    # the report first: it is small and sure to be written, and says what the run was if the save fails
     if report_path is not None:
         report.to_json(report_path)
+    if save_dir is not None:
+        save_quantized(out, save_dir, overwrite=overwrite)
     return out
+
+
+def sources(model: str) -> tuple[Path, ...]:
+    """Directories a save must never replace: ``model``'s own, when it is one, and the embedded models' cache."""
+    found = [cache_root()]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        found.append(path)
+    return tuple(found)
 
 
 def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api"):

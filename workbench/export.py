@@ -148,10 +148,24 @@ def supported_bits() -> tuple[int, ...]:
         nn.Linear, QuantizationScheme(targets=["Linear"], weights=WeightScheme(b, -1, True).quantization_args())))
 
 
-def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: bool = True) -> Path:
-    """Fail before any work if ``path`` cannot take a checkpoint; returns it as a Path."""
+def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: bool = True, bits: int | None = None,
+                   keep: tuple = ()) -> Path:
+    """Fail before any work if ``path`` cannot take a checkpoint; returns it as a Path.
+
+    ``bits``: the run's bit width, refused now if the format cannot pack it (not after the run).
+    ``keep``: directories that must survive (the model being quantized, the embedded model's cache):
+    a target that is one of them, holds one or lies inside one is refused, with ``overwrite`` or not.
+    """
     path = Path(path).expanduser()
     parent = path.parent if str(path.parent) else Path(".")
+    target = path.resolve()
+    for k in keep:
+        k = Path(k).expanduser().resolve()
+        if target == k or target in k.parents or k in target.parents:
+            how = "is" if target == k else ("holds" if target in k.parents else "lies inside")
+            raise WorkbenchError(f"save directory {str(path)!r} {how} {str(k)!r}, the model being quantized or the "
+                                 f"embedded model's cache; writing there could destroy the source, give another "
+                                 f"directory")
     if path.exists() and not path.is_dir():
         raise WorkbenchError(f"save directory {str(path)!r} is a file; give a directory path")
     if path.exists() and not overwrite:
@@ -165,6 +179,9 @@ def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: boo
         raise WorkbenchError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
     if packed:
         require_compressed_tensors()
+        if bits is not None and bits not in supported_bits():
+            raise WorkbenchError(f"compressed-tensors cannot pack {bits}-bit weights; supported bit widths: "
+                                 f"{', '.join(map(str, supported_bits()))} (change --bits, or leave out --save)")
     return path
 
 
