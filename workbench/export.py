@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import secrets
 import shutil
 import struct
 import warnings
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import atomic
 from .errors import WorkbenchError
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
@@ -158,6 +158,7 @@ def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: boo
     """
     path = Path(path).expanduser()
     parent = path.parent if str(path.parent) else Path(".")
+    clean_leftovers(path)   # first: a kill may have left the old checkpoint aside, it is put back
     target = path.resolve()
     for k in keep:
         k = Path(k).expanduser().resolve()
@@ -214,7 +215,7 @@ def scheme_of(result) -> WeightScheme:
 def staging_dir(target: Path, overwrite: bool, packed: bool):
     """A fresh directory beside ``target`` that replaces it when the block ends without error."""
     target = check_save_dir(target, overwrite, packed)
-    tmp = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
+    tmp = atomic.temp_name(target, "partial")
     tmp.mkdir()   # not mkdtemp: its 0700 mode would stick to the published checkpoint
     try:
         yield tmp
@@ -224,19 +225,43 @@ def staging_dir(target: Path, overwrite: bool, packed: bool):
         raise
 
 
+def clean_leftovers(target: Path):
+    """What a killed save left beside ``target``: half-written ``.partial`` directories are removed; an
+    ``.old`` one is the previous checkpoint, put back if the kill came before the new one took its place."""
+    for tmp in atomic.stale(target, "partial"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in atomic.stale(target, "old"):
+        if not target.exists():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _sync_tree(directory: Path):
+    """Every file of ``directory`` on disk before the rename that publishes it."""
+    for f in directory.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    atomic.fsync_dir(directory)
+
+
 def publish(tmp: Path, target: Path, overwrite: bool, packed: bool):
     """Rename ``tmp`` to ``target``; an old ``target`` is moved aside first and removed only afterwards."""
     check_save_dir(target, overwrite, packed)   # something may have appeared there during the run
+    _sync_tree(tmp)
     if not target.exists():
         os.rename(tmp, target)
+        atomic.fsync_dir(target.parent)
         return
-    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    old = atomic.temp_name(target, "old")
     os.rename(target, old)
     try:
         os.rename(tmp, target)
     except BaseException:
         os.rename(old, target)
         raise
+    atomic.fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

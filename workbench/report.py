@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from . import atomic
 from .errors import WorkbenchError
 from .jsonsafe import dumps, restore
 
@@ -73,13 +73,4 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write to a temporary file beside ``path`` and rename it over, so no half-written file remains."""
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_atomic(check_writable(path), text)
