@@ -11,7 +11,8 @@ import torch
 
 from .config import QuantizeConfig
 from .data import calibration_windows, evaluation_windows
-from .engine import BlockQuantizer, EngineResult, resolve_device
+from .devices import resolve_device
+from .engine import BlockQuantizer, EngineResult
 from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import check_save_dir, save_quantized

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .devices import device_problem  # noqa: F401  (the device setting's check, kept importable here)
 from .errors import WorkbenchError
 
 FACES = ("cli", "api", "app", "widgets")

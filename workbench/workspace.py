@@ -26,7 +26,8 @@ from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
 from .diagnostics.spectra import Spectra, hessian_spectra
-from .engine import Event, resolve_device
+from .devices import resolve_device
+from .engine import Event
 from .errors import Cancelled
 from .evaluate import perplexity
 from .models.loading import LoadedModel, load_model

@@ -18,10 +18,11 @@ from .compare_tab import build_compare_tab
 from .form import build_form
 from .inspect_tab import build_inspect_tab
 from .quantize_tab import build_quantize_tab
-from .session import FILES_ROOT, Session, close_session
+from .session import Session, close_session, files_root
 
 log = logging.getLogger("workbench.ui")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+CACHE_CLEANUP = (3600, 86400)     # Gradio's delete_cache: (how often, how old), seconds
 
 
 def build_app(default_model: str | None = None, start: dict | None = None, method: str = "gptq",
@@ -32,7 +33,8 @@ def build_app(default_model: str | None = None, start: dict | None = None, metho
     if default_model is not None:
         start["model"] = default_model
     models = models or MODELS
-    with gr.Blocks(title="Quant Workbench", analytics_enabled=False) as demo:
+    # Gradio's own cache of served files: swept hourly of what is older than a day, and removed at exit
+    with gr.Blocks(title="Quant Workbench", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         session = gr.State(Session, delete_callback=close_session)
         gr.Markdown(text.INTRO)
         form = build_form(start)
@@ -79,6 +81,5 @@ def main(argv=None):
     demo = build_app(default_model=args.model)
     if args.preload:
         preload(args.model)
-    FILES_ROOT.mkdir(parents=True, exist_ok=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(FILES_ROOT)],
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(files_root())],
                 footer_links=["gradio"])

@@ -5,8 +5,10 @@ to every handler of that page, so two visitors never share runs, caches or cance
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -14,9 +16,24 @@ from ..errors import WorkbenchError
 from ..jobs import Job
 from ..workspace import spectra_key
 
-FILES_ROOT = Path(tempfile.gettempdir()) / "quant-workbench-app"
+_ROOT: Path | None = None
+_ROOT_LOCK = threading.Lock()
 RESULT_CAPACITY = 32
 SPECTRA_CAPACITY = 4
+
+
+def files_root() -> Path:
+    """This process's folder for the files pages download, the only one Gradio is allowed to serve.
+
+    Made by ``mkdtemp``: a fresh name nobody could have planted (a link there would make the app serve
+    what it points to), mode 0700 so other users of the host read nothing of it; removed at exit.
+    """
+    global _ROOT
+    with _ROOT_LOCK:
+        if _ROOT is None or not _ROOT.is_dir():
+            _ROOT = Path(tempfile.mkdtemp(prefix="quant-workbench-app-"))
+            atexit.register(shutil.rmtree, _ROOT, True)
+        return _ROOT
 
 
 class Session:
@@ -81,8 +98,7 @@ class Session:
 
     def files_dir(self) -> Path:
         if self._files is None:
-            FILES_ROOT.mkdir(parents=True, exist_ok=True)
-            self._files = Path(tempfile.mkdtemp(prefix="session-", dir=FILES_ROOT))
+            self._files = Path(tempfile.mkdtemp(prefix="session-", dir=files_root()))
         return self._files
 
     def close(self):
