@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from .engine import BlockQuantizer, EngineResult
 from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import check_save_dir, save_quantized
+from .memory import PeakMeter
 from .methods import method_spec
 from .models.loading import LoadedModel, cache_root, load_model
 from .patterns import matches
@@ -36,12 +36,6 @@ class QuantizeResult:
 
 
 _FP_PERPLEXITY: dict[tuple, float] = {}   # (source, eval text, seqlen, windows, device) -> ppl
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
 def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None = None, on_event=None,
@@ -65,8 +59,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = PeakMeter(device).start()     # this run's own peak, not the process's since it started
     torch.manual_seed(cfg.seed)
 
     ppl_fp = None
@@ -93,7 +86,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                     config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
                             "device_resolved": str(device), "torch": torch.__version__},
                     ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
-                    peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
+                    peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings)
     out = QuantizeResult(loaded.model, tok, report, result.packed)
     # the report first: it is small and sure to be written, and says what the run was if the save fails
     if report_path is not None:

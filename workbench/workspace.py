@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -38,6 +39,20 @@ HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the p
 
 # -- models -------------------------------------------------------------------------------------
 
+POLL = 0.1      # seconds between looks at ``cancel`` while waiting on a lock or a load
+
+
+@contextmanager
+def holding(lock: threading.Lock, cancel=None):
+    """``with lock:`` that stops waiting with ``Cancelled`` once ``cancel`` is set."""
+    while not lock.acquire(timeout=POLL):
+        _check(cancel)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @dataclass
 class SharedModel:
     loaded: LoadedModel
@@ -53,9 +68,9 @@ class SharedModel:
         """The shared weights with the shared, thread-safe tokenizer."""
         return dataclasses.replace(self.loaded, tokenizer=self.tokenizer)
 
-    def working_copy(self) -> LoadedModel:
+    def working_copy(self, cancel=None) -> LoadedModel:
         """A deep copy to quantize in place."""
-        with self.lock:
+        with holding(self.lock, cancel):
             model = copy.deepcopy(self.loaded.model).eval()
         return dataclasses.replace(self.private(), model=model)
 
@@ -75,11 +90,34 @@ class ModelCache:
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, spec: str) -> SharedModel:
+    def get(self, spec: str, cancel=None) -> SharedModel:
+        """The cached model; loaded on first use. With ``cancel`` the caller can stop waiting (for the load,
+        or for another thread's load of the same model) with ``Cancelled``: the load itself goes on in the
+        background and serves the next run."""
         spec = spec.strip()
         with self._guard:
             if spec in self._models:
                 return self._models[spec]
+        if cancel is None:
+            return self._load(spec)
+        done: dict = {}
+
+        def load():
+            try:
+                done["model"] = self._load(spec)
+            except BaseException as exc:   # handed to the caller below
+                done["error"] = exc
+        t = threading.Thread(target=load, name=f"workbench-load-{spec}", daemon=True)
+        t.start()
+        while t.is_alive():
+            _check(cancel)
+            t.join(POLL)
+        if "error" in done:
+            raise done["error"]
+        return done["model"]
+
+    def _load(self, spec: str) -> SharedModel:
+        with self._guard:
             lock = self._loading.setdefault(spec, threading.Lock())
         with lock:
             with self._guard:
@@ -167,11 +205,11 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
     cfg = cfg.validate()
     if shared is None:
         _say(on_event, f"{cfg.method}: loading {cfg.model}")
-        shared = models.get(cfg.model)
+        shared = models.get(cfg.model, cancel)
     check_against_model(shared.loaded, cfg)
     _check(cancel)
     _say(on_event, f"{cfg.method}: copying the model")
-    work = shared.working_copy()
+    work = shared.working_copy(cancel)
     _check(cancel)
     device = resolve_device(cfg.device)
     evaluate = cfg.eval_windows >= 0
@@ -200,11 +238,12 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
     head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
     cfg = cfg.validate()
     _say(on_event, f"{cfg.method}: loading {cfg.model}")     # said before the load, which may take a while
-    shared = models.get(cfg.model)
+    shared = models.get(cfg.model, cancel)
     result = quantize_copy(cfg, models=models, on_event=on_event, cancel=cancel, shared=shared)
     _say(on_event, f"{cfg.method}: measuring errors on held-out windows")
     ids = evaluation_windows(shared.tokenizer, cfg.eval_text, cfg.seqlen, heldout or default_heldout(cfg))
-    with shared.lock:
+    _check(cancel)
+    with holding(shared.lock, cancel):
         recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
                                       batch_size=cfg.batch_size, device=resolve_device(cfg.device),
                                       max_blocks=cfg.max_blocks, cancel=cancel)
@@ -216,7 +255,7 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
     """Spectra of the cached full-precision model on the calibration windows a run with ``cfg`` draws."""
     cfg = cfg.validate()
     _say(on_event, f"loading {cfg.model}")
-    shared = models.get(cfg.model)
+    shared = models.get(cfg.model, cancel)
     check_against_model(shared.loaded, cfg)
     _check(cancel)
     _say(on_event, "tokenizing the calibration text")
@@ -227,7 +266,7 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
             on_event(Event("block_finished", index=b + 1, total=total, block=b))
 
     _say(on_event, "accumulating Hessians block by block")
-    with shared.lock:
+    with holding(shared.lock, cancel):
         return hessian_spectra(shared.loaded.model, shared.loaded.family, ids, batch_size=cfg.batch_size,
                                device=resolve_device(cfg.device), max_blocks=cfg.max_blocks, heads=heads,
                                damp=cfg.damp, on_block=on_block, cancel=cancel)

@@ -81,6 +81,8 @@ def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, b
                 hidden = [outs for _, outs in advanced]
                 break
             stages = [s for s, _ in advanced]
+            if cancel is not None and cancel.is_set():   # a stage of a large model takes a while too
+                raise Cancelled("run cancelled")
             yield StageView(b, stages[0][0].kinds, blocks, stages, ctx)
         del blocks, gens
         if on_block is not None:

@@ -45,6 +45,7 @@ class Session:
         self.last_compare: list = []                  # Outcomes of the latest Compare
         self.current_spectra = None                   # (QuantizeConfig, Spectra) shown in Inspect
         self._files: Path | None = None
+        self._lock = threading.Lock()
 
     def __deepcopy__(self, memo):
         # Gradio deep-copies state values; a session holds threads and events, and is per page anyway
@@ -55,10 +56,12 @@ class Session:
         return self.job is not None and self.job.running
 
     def start(self, work, name: str) -> Job:
-        if self.busy:
-            raise WorkbenchError("a run is already going in this page; wait for it or press Cancel")
-        self.job = Job(work, name).start()
-        return self.job
+        # two clicks arrive on two server threads: the check and the start are one step
+        with self._lock:
+            if self.busy:
+                raise WorkbenchError("a run is already going in this page; wait for it or press Cancel")
+            self.job = Job(work, name).start()
+            return self.job
 
     def cancel(self) -> bool:
         if self.busy:
