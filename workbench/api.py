@@ -84,7 +84,8 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
 
     report = Report(model=cfg.model, method=cfg.method,
                     config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
-                            "device_resolved": str(device), "torch": torch.__version__},
+                            "device_resolved": str(device), "torch": torch.__version__,
+                            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")},
                     ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
                     peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings)
     out = QuantizeResult(loaded.model, tok, report, result.packed)

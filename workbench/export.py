@@ -297,7 +297,8 @@ def check_layer(name: str, layer: QuantizedWeight, weight: torch.Tensor, scheme:
         raise WorkbenchError(f"{name}: codes or zero points outside [0, {top}] for {scheme.bits} bits")
     if scheme.symmetric and not bool((layer.zero == scheme.offset).all()):
         raise WorkbenchError(f"{name}: a symmetric grid must have zero point {scheme.offset} everywhere")
-    if not torch.allclose(layer.dequantize(), weight.float(), rtol=1e-5, atol=1e-6):
+    # the model stores the dequantized weight in its own dtype (float16, bfloat16): compare at that precision
+    if not torch.allclose(layer.dequantize().to(weight.dtype).float(), weight.float(), rtol=1e-5, atol=1e-6):
         raise WorkbenchError(f"{name}: the model's weight no longer matches its codes and grid; export the "
                              f"result of quantize() before changing the model")
 

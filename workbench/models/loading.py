@@ -104,8 +104,10 @@ def quiet_transformers():
     logging.disable_progress_bar()
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
+    """The model in the dtype its checkpoint stores (``"auto"``): a float16 or bfloat16 model upcast to
+    float32 would take twice the memory, and the solvers work in float32 one layer at a time anyway."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     quiet_transformers()
     source = resolve(spec)
