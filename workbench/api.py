@@ -15,7 +15,7 @@ from .engine import BlockQuantizer, EngineResult
 from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import check_save_dir, save_quantized
-from .memory import PeakMeter
+from .memory import PeakMeter, check_fits, estimate
 from .methods import method_spec
 from .models.loading import LoadedModel, cache_root, load_model
 from .patterns import matches
@@ -106,11 +106,23 @@ def sources(model: str) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api"):
-    """Refuse, before any work, settings the loaded model cannot take."""
+def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api", copies: int = 0):
+    """Refuse, before any work, settings the loaded model cannot take, and a run that would not fit in
+    memory (``copies``: working copies of the model the run makes)."""
     _check_group_size(loaded, cfg.grid())
     _check_ignore(loaded, cfg.ignore)
     _check_seqlen(loaded, cfg.seqlen, face)
+    _check_memory(loaded, cfg, face, copies)
+
+
+def _check_memory(loaded: LoadedModel, cfg: QuantizeConfig, face: str, copies: int):
+    from .config import SETTINGS
+    spec = method_spec(cfg.method)
+    device = resolve_device(cfg.device)
+    est = estimate(cfg, loaded.model, copies=copies, attention_aware=spec.attention_aware, fp_stream=spec.fp_stream,
+                   on_cuda=device.type == "cuda")
+    names = ", ".join(SETTINGS[n].who(face) for n in ("calib_samples", "seqlen", "batch_size"))
+    check_fits(est, device, f"lower {names}")
 
 
 def _check_seqlen(loaded: LoadedModel, seqlen: int, face: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,49 @@ HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the p
 # -- models -------------------------------------------------------------------------------------
 
 POLL = 0.1      # seconds between looks at ``cancel`` while waiting on a lock or a load
+
+
+class RunSlots:
+    """At most ``limit`` heavy runs (quantize, measure, spectra) at once in this process; the others wait
+    their turn, and can be cancelled while they wait. Each run copies the model and holds its
+    activations, so the app's sessions share a few slots instead of all running at once. A thread that
+    holds a slot can take it again (a measured run quantizes inside its own slot)."""
+
+    def __init__(self, limit: int = 2):
+        self._cond = threading.Condition()
+        self._local = threading.local()
+        self.limit, self.active = limit, 0
+
+    def set_limit(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"at least one run must be allowed, got {limit}")
+        with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+    @contextmanager
+    def held(self, cancel=None, on_event=None, what: str = "run"):
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                if self.active >= self.limit:
+                    _say(on_event, f"{what}: waiting for a free slot ({self.active} of {self.limit} runs going)")
+                while self.active >= self.limit:
+                    self._cond.wait(POLL)
+                    _check(cancel)
+                self.active += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self.active -= 1
+                    self._cond.notify()
+
+
+SLOTS = RunSlots(int(os.environ.get("WORKBENCH_MAX_RUNS", "2")))
 
 
 @contextmanager
@@ -203,10 +247,15 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
                   shared: SharedModel | None = None) -> QuantizeResult:
     """Quantize a private copy of the cached model; its full-precision perplexity is computed once."""
     cfg = cfg.validate()
+    with SLOTS.held(cancel, on_event, cfg.method):
+        return _quantize_copy(cfg, models, on_event, cancel, shared)
+
+
+def _quantize_copy(cfg, models, on_event, cancel, shared) -> QuantizeResult:
     if shared is None:
         _say(on_event, f"{cfg.method}: loading {cfg.model}")
         shared = models.get(cfg.model, cancel)
-    check_against_model(shared.loaded, cfg)
+    check_against_model(shared.loaded, cfg, copies=1)
     _check(cancel)
     _say(on_event, f"{cfg.method}: copying the model")
     work = shared.working_copy(cancel)
@@ -237,6 +286,11 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
     """Quantize a private copy and measure it: perplexity before and after, and every layer's and
     head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
     cfg = cfg.validate()
+    with SLOTS.held(cancel, on_event, cfg.method):
+        return _run(cfg, models, on_event, cancel, heldout)
+
+
+def _run(cfg, models, on_event, cancel, heldout) -> Outcome:
     _say(on_event, f"{cfg.method}: loading {cfg.model}")     # said before the load, which may take a while
     shared = models.get(cfg.model, cancel)
     result = quantize_copy(cfg, models=models, on_event=on_event, cancel=cancel, shared=shared)
@@ -254,6 +308,11 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
             heads: bool = True) -> Spectra:
     """Spectra of the cached full-precision model on the calibration windows a run with ``cfg`` draws."""
     cfg = cfg.validate()
+    with SLOTS.held(cancel, on_event, "spectra"):
+        return _spectra(cfg, models, on_event, cancel, heads)
+
+
+def _spectra(cfg, models, on_event, cancel, heads) -> Spectra:
     _say(on_event, f"loading {cfg.model}")
     shared = models.get(cfg.model, cancel)
     check_against_model(shared.loaded, cfg)

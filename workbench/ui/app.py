@@ -12,7 +12,7 @@ import threading
 import gradio as gr
 
 from ..models.loading import DEFAULT_MODEL
-from ..workspace import MODELS, ModelCache
+from ..workspace import MODELS, SLOTS, ModelCache
 from . import text
 from .compare_tab import build_compare_tab
 from .form import build_form
@@ -70,11 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model the page opens on")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--no-preload", dest="preload", action="store_false", help="load the model on the first run")
+    p.add_argument("--max-runs", type=int, default=SLOTS.limit,
+                   help="runs at once across all pages (each copies the model); the others wait their turn")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.max_runs < 1:
+        raise SystemExit(f"app.py: error: --max-runs must be at least 1, got {args.max_runs}")
+    SLOTS.set_limit(args.max_runs)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ..models.loading import quiet_transformers
     quiet_transformers()
