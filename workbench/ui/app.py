@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
+from pathlib import Path
 
 import gradio as gr
 
+from ..errors import WorkbenchError
 from ..models.loading import DEFAULT_MODEL
 from ..workspace import MODELS, SLOTS, ModelCache
 from . import text
 from .compare_tab import build_compare_tab
+from .exposure import EXPOSURE, exposure_warnings, is_loopback, parse_auth
 from .form import build_form
 from .inspect_tab import build_inspect_tab
 from .quantize_tab import build_quantize_tab
@@ -69,6 +73,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model the page opens on")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--auth", default=os.environ.get("WORKBENCH_AUTH"), metavar="USER:PASSWORD",
+                   help="require this login (Gradio auth); also read from $WORKBENCH_AUTH, which keeps the "
+                        "password out of the process list")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="with a non-loopback host or --share: folders the form's file paths (model, texts) may "
+                        "lie under; repeatable (none: no file paths)")
     p.add_argument("--no-preload", dest="preload", action="store_false", help="load the model on the first run")
     p.add_argument("--max-runs", type=int, default=SLOTS.limit,
                    help="runs at once across all pages (each copies the model); the others wait their turn")
@@ -79,12 +89,23 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_runs < 1:
         raise SystemExit(f"app.py: error: --max-runs must be at least 1, got {args.max_runs}")
+    try:
+        auth = parse_auth(args.auth) if args.auth else None
+    except WorkbenchError as exc:
+        raise SystemExit(f"app.py: error: {exc}") from None
     SLOTS.set_limit(args.max_runs)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    public = args.share or not is_loopback(args.host)
+    # the model the operator serves the page on is theirs to name, wherever it lies
+    own = [args.model] if Path(args.model).expanduser().is_dir() else []
+    EXPOSURE.configure(public, [*args.allow_path, *own])
+    for line in exposure_warnings(args.host, args.share, auth is not None, EXPOSURE.roots):
+        log.warning(line)
     from ..models.loading import quiet_transformers
     quiet_transformers()
     demo = build_app(default_model=args.model)
     if args.preload:
         preload(args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(files_root())],
+                auth=auth,
                 footer_links=["gradio"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
+from .exposure import EXPOSURE
 from ..settings import METHOD_DEFAULT, Setting
 
 FACE = "app"
@@ -58,7 +59,7 @@ class Form:
 
     def config(self, raw, method: str) -> QuantizeConfig:
         """The form's values as ``method``'s config; raises ``WorkbenchError`` naming the field."""
-        return for_method(self.values(raw), method, FACE)
+        return EXPOSURE.check(for_method(self.values(raw), method, FACE), FACE)
 
     def method_fields(self) -> dict:
         """The fields that apply to some methods only, with those methods."""

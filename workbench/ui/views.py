@@ -55,9 +55,10 @@ def message_html(text: str, kind: str = "info") -> str:
 
 def error_text(exc: BaseException) -> str:
     from ..errors import WorkbenchError
+    from .exposure import EXPOSURE
     if isinstance(exc, WorkbenchError):
-        return str(exc)
-    return f"the run failed: {type(exc).__name__}: {exc}"
+        return EXPOSURE.scrub(str(exc))
+    return EXPOSURE.scrub(f"the run failed: {type(exc).__name__}: {exc}")
 
 
 def _fmt(v, digits=3):
