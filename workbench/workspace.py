@@ -247,8 +247,15 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
                   shared: SharedModel | None = None) -> QuantizeResult:
     """Quantize a private copy of the cached model; its full-precision perplexity is computed once."""
     cfg = cfg.validate()
+    _precheck(cfg, shared or (models.get(cfg.model) if models.loaded(cfg.model) else None))
     with SLOTS.held(cancel, on_event, cfg.method):
         return _quantize_copy(cfg, models, on_event, cancel, shared)
+
+
+def _precheck(cfg: QuantizeConfig, shared: SharedModel | None):
+    """Settings the model cannot take, or a run that cannot fit, refused before waiting for a slot."""
+    if shared is not None:
+        check_against_model(shared.loaded, cfg, copies=1)
 
 
 def _quantize_copy(cfg, models, on_event, cancel, shared) -> QuantizeResult:
@@ -286,6 +293,7 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
     """Quantize a private copy and measure it: perplexity before and after, and every layer's and
     head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
     cfg = cfg.validate()
+    _precheck(cfg, models.get(cfg.model) if models.loaded(cfg.model) else None)
     with SLOTS.held(cancel, on_event, cfg.method):
         return _run(cfg, models, on_event, cancel, heldout)
 

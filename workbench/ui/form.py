@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
-from .exposure import EXPOSURE
 from ..settings import METHOD_DEFAULT, Setting
+from .exposure import EXPOSURE
 
 FACE = "app"
 # a quick look that finishes in a minute or two on a CPU; every value can be raised in the form
