@@ -69,13 +69,13 @@ def test_form_paths_are_confined_to_the_allowed_folders(exposed, tmp_path, tiny_
         return form.config([values[n] for n in names], "gptq")
     assert config(calib=str(inside)).calib == str(inside)
     assert config(calib="wikitext2", model="smollm2-135m").model == "smollm2-135m"
-    with pytest.raises(WorkbenchError, match="^Calibration text must be a file under the folders the operator"):
+    with pytest.raises(WorkbenchError, match="^Calibration text must lie under the folders the operator"):
         config(calib=str(outside))
-    with pytest.raises(WorkbenchError, match="^Calibration text must be a file under"):
+    with pytest.raises(WorkbenchError, match="^Calibration text must lie under"):
         config(calib=str(exposed / ".." / "secret.txt"))           # no way out with ..
-    with pytest.raises(WorkbenchError, match="^Evaluation text must be a file under"):
+    with pytest.raises(WorkbenchError, match="^Evaluation text must lie under"):
         config(eval_text="/etc/hostname")
-    with pytest.raises(WorkbenchError, match="^Model must be a file under"):
+    with pytest.raises(WorkbenchError, match="^Model must lie under"):
         config(model=tiny_checkpoints["llama"])
 
 
@@ -90,3 +90,11 @@ def test_errors_in_the_page_name_no_paths(exposed):
     assert "/srv" not in boom
     # numbers and settings with slashes survive
     assert "1/2 of hf:a/b" in error_text(WorkbenchError("1/2 of hf:a/b"))
+
+
+def test_without_allowed_folders_no_path_is_taken(monkeypatch):
+    monkeypatch.setattr(EXPOSURE, "public", True)
+    monkeypatch.setattr(EXPOSURE, "roots", ())
+    with pytest.raises(WorkbenchError, match="^Calibration text cannot be a file path on this server"):
+        EXPOSURE.check(QuantizeConfig(calib="/etc/hostname"))
+    assert EXPOSURE.check(QuantizeConfig(calib="wikitext2")).calib == "wikitext2"

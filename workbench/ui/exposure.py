@@ -81,10 +81,12 @@ class Exposure:
                 continue
             where = Path(value).expanduser().resolve()
             if not any(where == r or r in where.parents for r in self.roots):
-                allowed = "the folders the operator allowed" if self.roots else \
-                    "no folder (this server allows no file paths)"
-                raise WorkbenchError(f"{SETTINGS[name].who(face)} must be a file under {allowed}; the built-in "
-                                     f"names ({', '.join([*EMBEDDED, *BUILTIN_TEXTS])}) work everywhere")
+                builtin = ", ".join([*EMBEDDED, *BUILTIN_TEXTS])
+                if not self.roots:
+                    raise WorkbenchError(f"{SETTINGS[name].who(face)} cannot be a file path on this server (it "
+                                         f"takes none); use the built-in names ({builtin})")
+                raise WorkbenchError(f"{SETTINGS[name].who(face)} must lie under the folders the operator allowed; "
+                                     f"the built-in names ({builtin}) work everywhere")
         return cfg
 
     def scrub(self, text: str) -> str:
