@@ -109,16 +109,19 @@ def test_sessions_under_load(fault_app, chromium):
     a.context.close()
 
     # 20 runs in a row: the server's resident memory settles after the second
-    b.locator("#wb-more").click()
+    b.locator("#wb-more").get_by_text("More settings").click()
+    b.wait_for_selector("#wb-seed", state="visible")
     figures = []
     for i in range(SOAK_RUNS):
         _set(b, "wb-seed", 100 + i)            # new settings each time: nothing comes from the page's cache
         b.locator("#wb-run").click()
         try:
-            b.wait_for_selector("#wb-q-status :text('running')", timeout=10_000)
+            b.wait_for_selector("#wb-q-status .wb-info", timeout=10_000)       # "running RTN..."
         except Exception:          # a run quicker than the page's poll: its result is there already
             pass
-        b.wait_for_selector("#wb-q-status :text('RTN finished'), #wb-q-status .wb-error")
+        wait_done(b)
+        if "RTN finished" not in status(b):
+            _shot(b, "app-soak-failed.png")
         assert "RTN finished" in status(b), status(b)
         figures.append(rss_bytes())
     after2, after20 = figures[1], figures[-1]

@@ -70,7 +70,7 @@ def test_command_line(tiny_checkpoints, tmp_path, capsys, field, value, method, 
 @pytest.mark.parametrize("field,value,method,body", BAD, ids=IDS)
 def test_api(field, value, method, body):
     with pytest.raises(WorkbenchError) as info:
-        QuantizeConfig(method=method, **{field: value}).validate()
+        QuantizeConfig(**{"method": method, field: value}).validate()
     assert str(info.value) == expected(field, "api", body)
 
 
@@ -111,7 +111,7 @@ def test_widgets_form(field, value, method, body):
         form.set(**{field: value})
     assert str(info.value) == expected(field, "widgets", body)
     with pytest.raises(WorkbenchError) as info:          # a starting value is checked the same way
-        SettingsForm(method=method, **{field: value})
+        SettingsForm(**{"method": method, field: value})
     assert str(info.value) == expected(field, "widgets", body)
 
 
