@@ -18,7 +18,7 @@ import workbench
 from workbench.errors import Cancelled, WorkbenchError
 from workbench.jobs import Job
 from workbench.ui import build_app
-from workbench.ui.session import FILES_ROOT, Session
+from workbench.ui.session import Session, files_root
 from workbench.workspace import ModelCache
 
 CHROMIUM = "/usr/bin/chromium"
@@ -117,9 +117,8 @@ def app_url(tiny_checkpoints, runs_dir):
     _need_browser()
     demo = build_app(default_model=tiny_checkpoints["llama"], start=TINY, models=ModelCache(), runs_dir=runs_dir)
     port = _free_port()
-    FILES_ROOT.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(FILES_ROOT)])
+                allowed_paths=[str(files_root())])
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

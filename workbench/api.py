@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .config import QuantizeConfig
 from .data import calibration_windows, evaluation_windows
+from .devices import resolve_device
 from .distributed import from_environment
-from .engine import BlockQuantizer, EngineResult, resolve_device
+from .engine import BlockQuantizer, EngineResult
 from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import FORMAT_FAKE, FORMAT_PACKED, check_save_dir, save_fake_quant, save_quantized
 from .export_gguf import check_gguf_model, save_gguf
+from .memory import PeakMeter, check_fits, estimate
 from .methods import method_spec
-from .models.loading import LoadedModel, load_model
+from .models.loading import LoadedModel, cache_root, load_model
 from .patterns import matches
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
@@ -38,12 +40,6 @@ class QuantizeResult:
 _FP_PERPLEXITY: dict[tuple, float] = {}   # (source, eval text, seqlen, windows, device) -> ppl
 
 
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-
-
 def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None = None, on_event=None,
              cancel=None, report_path=None, save_dir=None, overwrite: bool = False, **overrides) -> QuantizeResult:
     """Quantize ``config.model`` with ``config.method``; keyword overrides patch the config.
@@ -57,7 +53,8 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if report_path is not None:
         check_writable(report_path)
     if save_dir is not None:
-        check_save_dir(save_dir, overwrite, packed=cfg.format == FORMAT_PACKED)
+        check_save_dir(save_dir, overwrite, packed=cfg.format == FORMAT_PACKED,
+                       bits=cfg.bits if cfg.format == FORMAT_PACKED else None, keep=sources(cfg.model))
     device = resolve_device(cfg.device)
     ranks = from_environment()
     if ranks.active and method_spec(cfg.method).block is not None:
@@ -65,18 +62,14 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                              f"in one process (without torchrun)")
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     loaded = loaded or load_model(cfg.model)
-    _check_group_size(loaded, cfg.grid())
-    if cfg.gguf_type is not None:
-        check_gguf_model(loaded.model)
-    _check_ignore(loaded, cfg.ignore)
+    check_against_model(loaded, cfg)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
     if ranks.active and calib.shape[0] < ranks.world:
         raise WorkbenchError(f"--calib-samples {calib.shape[0]} is fewer than the {ranks.world} processes; give each "
                              f"at least one window")
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = PeakMeter(device).start()     # this run's own peak, not the process's since it started
     torch.manual_seed(cfg.seed)
 
     ppl_fp = None
@@ -103,16 +96,18 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
 
     report = Report(model=cfg.model, method=cfg.method,
                     config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
-                            "device_resolved": str(device), "torch": torch.__version__, "processes": ranks.world},
+                            "device_resolved": str(device), "torch": torch.__version__, "processes": ranks.world,
+                            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")},
                     ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
-                    peak_memory_bytes=peak_memory(device), layers=result.layers, timings=result.timings)
+                    peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings)
     out = QuantizeResult(loaded.model, tok, report, result.packed)
     if not ranks.leader:     # every rank holds the same model; one writes it
         return out
-    if save_dir is not None:
-        save(out, cfg, save_dir, overwrite)
+    # the report first: it is small and sure to be written, and says what the run was if the save fails
     if report_path is not None:
         report.to_json(report_path)
+    if save_dir is not None:
+        save(out, cfg, save_dir, overwrite)
     return out
 
 
@@ -123,6 +118,51 @@ def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = Fa
     if cfg.format == FORMAT_FAKE:
         return save_fake_quant(result, path, overwrite=overwrite)
     return save_quantized(result, path, overwrite=overwrite)
+
+
+def sources(model: str) -> tuple[Path, ...]:
+    """Directories a save must never replace: ``model``'s own, when it is one, and the embedded models' cache."""
+    found = [cache_root()]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        found.append(path)
+    return tuple(found)
+
+
+def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api", copies: int = 0):
+    """Refuse, before any work, settings the loaded model cannot take, and a run that would not fit in
+    memory (``copies``: working copies of the model the run makes)."""
+    _check_group_size(loaded, cfg.grid())
+    if cfg.gguf_type is not None:
+        check_gguf_model(loaded.model)
+    _check_ignore(loaded, cfg.ignore)
+    _check_seqlen(loaded, cfg.seqlen, face)
+    _check_memory(loaded, cfg, face, copies)
+
+
+def _check_memory(loaded: LoadedModel, cfg: QuantizeConfig, face: str, copies: int):
+    from .config import SETTINGS
+    spec = method_spec(cfg.method)
+    device = resolve_device(cfg.device)
+    est = estimate(cfg, loaded.model, copies=copies, attention_aware=spec.attention_aware, fp_stream=spec.fp_stream,
+                   on_cuda=device.type == "cuda")
+    names = ", ".join(SETTINGS[n].who(face) for n in ("calib_samples", "seqlen", "batch_size"))
+    check_fits(est, device, f"lower {names}")
+
+
+def _check_seqlen(loaded: LoadedModel, seqlen: int, face: str):
+    """Windows longer than the model's positions, or than a sliding window the workbench's full causal
+    attention would not apply, would calibrate and evaluate on what the model never computes."""
+    from .config import SETTINGS
+    who, config = SETTINGS["seqlen"].who(face), loaded.model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise WorkbenchError(f"{who} {seqlen} is longer than the model's {limit} positions "
+                             f"(max_position_embeddings); use {who} {limit} or less")
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window and seqlen > window:
+        raise WorkbenchError(f"{who} {seqlen} is longer than the model's sliding window of {window} tokens, which "
+                             f"the workbench's full attention does not apply; use {who} {window} or less")
 
 
 def _check_group_size(loaded: LoadedModel, grid: GridConfig):

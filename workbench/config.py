@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 
 from .attention_hessians import VALUE_OUTPUTS
 from .data import DEFAULT_CALIB, DEFAULT_EVAL
+from .devices import availability_problem, device_problem
 from .errors import WorkbenchError
 from .methods import INITS, METHODS, LearnedOptions, method_spec
 from .models.loading import DEFAULT_MODEL, EMBEDDED
@@ -19,11 +19,12 @@ from .patterns import pattern_problem
 from .quant.grid import SEARCHES, GridConfig
 from .quant.lattice import LATTICES, lattice
 from .quant.solver import SolverConfig
-from .settings import Setting, defaults_of, device_problem, setting, settings_of
+from .settings import Setting, defaults_of, setting, settings_of
 
 _LEARNED = LearnedOptions()
 SOLVERS = ("gptq", "boa", "turboboa", "aespa")          # the column-loop solver runs (aespa: its start)
 ATTENTION = ("boa", "turboboa", "aespa")                 # attention-aware q/k/v factors
+SEED_MAX = 2 ** 32 - 1     # what every generator seeded from it (torch, numpy) accepts
 STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
 GGUF_PREFIX = "gguf:"
 FORMATS = ("pack-quantized", "fake-quant") + tuple(GGUF_PREFIX + t for t in LATTICES)
@@ -60,7 +61,7 @@ class QuantizeConfig:
                              suggestions=(DEFAULT_EVAL,), group="run")
     eval_windows: int = setting(40, int, "Evaluation windows", "perplexity windows: 0 = all, -1 = skip evaluation",
                                 low=-1, high=100000, group="data")
-    seed: int = setting(0, int, "Seed", "seed of the calibration offsets", low=0, group="run")
+    seed: int = setting(0, int, "Seed", "seed of the calibration offsets", low=0, high=SEED_MAX, group="run")
     # -- the grid
     bits: int = setting(4, int, "Bits", "weight bits, 2-8", low=2, high=8, slider=True, step=1, group="grid")
     group_size: int = setting(64, int, "Group size", "input columns per grid; -1 = one grid per output channel",
@@ -150,9 +151,9 @@ def check_combination(cfg: QuantizeConfig, face: str = "api"):
     for name, s in SETTINGS.items():
         if not s.applies_to(cfg.method) and getattr(cfg, name) != DEFAULTS[name]:
             raise WorkbenchError(f"{s.who(face)} applies to {', '.join(s.methods)}, not {cfg.method}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkbenchError(f"{SETTINGS['device'].who(face)} {cfg.device} was asked for but no CUDA device is "
-                             f"available; use cpu or auto")
+    problem = availability_problem(cfg.device)
+    if problem:
+        raise WorkbenchError(f"{SETTINGS['device'].who(face)} {problem}")
 
 
 def build_config(values: dict, face: str) -> QuantizeConfig:

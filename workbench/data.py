@@ -28,6 +28,7 @@ def detokenize_wikitext(text: str) -> str:
         text = text.replace(a, b)
     return text
 DEFAULT_CALIB = "wikitext2"
+HF_FORM = "hf:NAME[:CONFIG[:SPLIT[:FIELD]]]"
 DEFAULT_EVAL = "wikitext2-test"
 
 
@@ -37,12 +38,28 @@ def load_text(source: str) -> str:
         text = BUILTIN_TEXTS[source].read_text(encoding="utf-8")
         return detokenize_wikitext(text) if source == "wikitext2-detok" else text
     if source.startswith("hf:"):
-        return _dataset_text(*source[3:].split(":"))
+        parts = source[3:].split(":")
+        if not parts[0] or len(parts) > 4:
+            raise WorkbenchError(f"text source {source!r} is not of the form {HF_FORM} (at most 4 fields after hf:)")
+        return _dataset_text(*parts)
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise WorkbenchError(f"text source {source!r} is a directory; give a text file, "
+                             f"{', '.join(BUILTIN_TEXTS)}, or {HF_FORM}")
     if not path.is_file():
         raise WorkbenchError(f"text source {source!r} is not a file; use a text file path, "
-                             f"{', '.join(BUILTIN_TEXTS)}, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
-    return path.read_text(encoding="utf-8", errors="replace")
+                             f"{', '.join(BUILTIN_TEXTS)}, or {HF_FORM}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise WorkbenchError(f"text source {source!r} cannot be read ({exc.strerror or type(exc).__name__}); "
+                             f"check its permissions or give another file") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # silently replaced bytes would calibrate on text that is not what the file says
+        raise WorkbenchError(f"text source {source!r} is not UTF-8 text (bad byte at offset {exc.start}); "
+                             f"convert it, e.g. iconv -t utf-8") from None
 
 
 def _dataset_text(name: str, config: str | None = None, split: str = "train", field: str = "text") -> str:

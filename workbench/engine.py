@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from .attention_hessians import AttentionHessians
+from .devices import resolve_device  # noqa: F401  (the engine's callers import it from here)
 from .distributed import SINGLE, Ranks
-from .errors import Cancelled
+from .errors import Cancelled, WorkbenchError
 from .hessians import InputCovariance, relative_error
 from .models import Family, Stage
 from .models.base import attend
 from .patterns import matches
 from .quant.grid import GridConfig
-from .quant.solver import SolveResult, SolverConfig
+from .quant.solver import SolveResult, SolverConfig, SolverError
 from .quant.weight import QuantizedWeight
 from .report import LayerRecord
 
@@ -81,15 +82,6 @@ class Method(Protocol):
     fp_stream: bool                 # the full-precision model runs beside the quantized one
     layer: Callable[[LayerProblem], SolveResult] | None        # quantizes one layer of a stage
     block: Callable[["BlockQuantizer", BlockJob], tuple] | None  # replaces the stage-wise walk of a block
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import WorkbenchError
-        raise WorkbenchError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
 
 
 class _Catch(Exception):
@@ -297,10 +289,21 @@ class BlockQuantizer:
                 l.weight.data = now[k]
         return num / den if den > 0 else 0.0
 
-    def _solve(self, block, kind, cov: InputCovariance, stats: dict) -> tuple[SolveResult, float]:
+    def _solve(self, b, block, kind, cov: InputCovariance, stats: dict) -> tuple[SolveResult, float]:
         t0 = time.perf_counter()
-        res = self.method.layer(LayerProblem(self.family.linear(block, kind).weight.data, cov.H, stats, cov.C, kind,
-                                             self.grid, self.solver, self.options, self.check_cancel))
+        W = self.family.linear(block, kind).weight.data
+        name = self.family.layer_name(b, kind)
+        if not bool(torch.isfinite(W).all()):
+            raise WorkbenchError(f"{name}: the weight has entries that are not finite (NaN or inf); the model "
+                                 f"cannot be quantized as it is")
+        if not bool(torch.isfinite(cov.H).all()):
+            raise WorkbenchError(f"{name}: the calibration activations reaching this layer are not finite (NaN or "
+                                 f"inf), so its Hessian is too; check the model in float32 on this text")
+        try:
+            res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,
+                                                 self.check_cancel))
+        except SolverError as exc:
+            raise WorkbenchError(f"{name}: {exc}") from None
         return res, time.perf_counter() - t0
 
     def _solve_shared(self, b, block, todo, cov: InputCovariance, extra_stats: dict) -> dict:
@@ -311,7 +314,7 @@ class BlockQuantizer:
         for kind, owner in zip(todo, owners):
             if owner == self.ranks.rank:
                 self.check_cancel()
-                res, seconds = self._solve(block, kind, cov, extra_stats.get(kind, {}))
+                res, seconds = self._solve(b, block, kind, cov, extra_stats.get(kind, {}))
                 res.quantized = res.quantized.cpu()
                 mine[kind] = (res, seconds)
         return {kind: self.ranks.broadcast(mine.get(kind), owner) for kind, owner in zip(todo, owners)}
@@ -321,7 +324,7 @@ class BlockQuantizer:
         layer = self.family.linear(block, kind)
         self.emit(kind="layer_started", block=b, layer=self.family.layer_name(b, kind), layer_kind=kind)
         W = layer.weight.data
-        res, seconds = solved if solved is not None else self._solve(block, kind, cov, stats)
+        res, seconds = solved if solved is not None else self._solve(b, block, kind, cov, stats)
         res.quantized = _on_device(res.quantized, W.device)
         self.result.timings["solve"] += seconds
         if kind in self.family.attention_kinds:

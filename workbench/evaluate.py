@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -39,4 +40,6 @@ def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu",
         total, count = ranks.sum_numbers(total, count)
     else:
         total, count = loss_sums(model, windows, device, batch_size, progress, cancel)
-    return math.exp(total / count)
+    mean = total / count
+    # a loss past ~709 nats overflows exp: the perplexity is then infinite, which the report says, not a crash
+    return math.exp(mean) if mean < math.log(sys.float_info.max) else float("inf")

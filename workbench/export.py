@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import secrets
 import shutil
 import struct
 import warnings
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import atomic
 from .errors import WorkbenchError
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
@@ -148,10 +148,25 @@ def supported_bits() -> tuple[int, ...]:
         nn.Linear, QuantizationScheme(targets=["Linear"], weights=WeightScheme(b, -1, True).quantization_args())))
 
 
-def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: bool = True) -> Path:
-    """Fail before any work if ``path`` cannot take a checkpoint; returns it as a Path."""
+def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: bool = True, bits: int | None = None,
+                   keep: tuple = ()) -> Path:
+    """Fail before any work if ``path`` cannot take a checkpoint; returns it as a Path.
+
+    ``bits``: the run's bit width, refused now if the format cannot pack it (not after the run).
+    ``keep``: directories that must survive (the model being quantized, the embedded model's cache):
+    a target that is one of them, holds one or lies inside one is refused, with ``overwrite`` or not.
+    """
     path = Path(path).expanduser()
     parent = path.parent if str(path.parent) else Path(".")
+    clean_leftovers(path)   # first: a kill may have left the old checkpoint aside, it is put back
+    target = path.resolve()
+    for k in keep:
+        k = Path(k).expanduser().resolve()
+        if target == k or target in k.parents or k in target.parents:
+            how = "is" if target == k else ("holds" if target in k.parents else "lies inside")
+            raise WorkbenchError(f"save directory {str(path)!r} {how} {str(k)!r}, the model being quantized or the "
+                                 f"embedded model's cache; writing there could destroy the source, give another "
+                                 f"directory")
     if path.exists() and not path.is_dir():
         raise WorkbenchError(f"save directory {str(path)!r} is a file; give a directory path")
     if path.exists() and not overwrite:
@@ -165,6 +180,9 @@ def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: boo
         raise WorkbenchError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
     if packed:
         require_compressed_tensors()
+        if bits is not None and bits not in supported_bits():
+            raise WorkbenchError(f"compressed-tensors cannot pack {bits}-bit weights; supported bit widths: "
+                                 f"{', '.join(map(str, supported_bits()))} (change --bits, or leave out --save)")
     return path
 
 
@@ -197,7 +215,7 @@ def scheme_of(result) -> WeightScheme:
 def staging_dir(target: Path, overwrite: bool, packed: bool):
     """A fresh directory beside ``target`` that replaces it when the block ends without error."""
     target = check_save_dir(target, overwrite, packed)
-    tmp = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
+    tmp = atomic.temp_name(target, "partial")
     tmp.mkdir()   # not mkdtemp: its 0700 mode would stick to the published checkpoint
     try:
         yield tmp
@@ -207,19 +225,43 @@ def staging_dir(target: Path, overwrite: bool, packed: bool):
         raise
 
 
+def clean_leftovers(target: Path):
+    """What a killed save left beside ``target``: half-written ``.partial`` directories are removed; an
+    ``.old`` one is the previous checkpoint, put back if the kill came before the new one took its place."""
+    for tmp in atomic.stale(target, "partial"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in atomic.stale(target, "old"):
+        if not target.exists():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _sync_tree(directory: Path):
+    """Every file of ``directory`` on disk before the rename that publishes it."""
+    for f in directory.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    atomic.fsync_dir(directory)
+
+
 def publish(tmp: Path, target: Path, overwrite: bool, packed: bool):
     """Rename ``tmp`` to ``target``; an old ``target`` is moved aside first and removed only afterwards."""
     check_save_dir(target, overwrite, packed)   # something may have appeared there during the run
+    _sync_tree(tmp)
     if not target.exists():
         os.rename(tmp, target)
+        atomic.fsync_dir(target.parent)
         return
-    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    old = atomic.temp_name(target, "old")
     os.rename(target, old)
     try:
         os.rename(tmp, target)
     except BaseException:
         os.rename(old, target)
         raise
+    atomic.fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -255,7 +297,8 @@ def check_layer(name: str, layer: QuantizedWeight, weight: torch.Tensor, scheme:
         raise WorkbenchError(f"{name}: codes or zero points outside [0, {top}] for {scheme.bits} bits")
     if scheme.symmetric and not bool((layer.zero == scheme.offset).all()):
         raise WorkbenchError(f"{name}: a symmetric grid must have zero point {scheme.offset} everywhere")
-    if not torch.allclose(layer.dequantize(), weight.float(), rtol=1e-5, atol=1e-6):
+    # the model stores the dequantized weight in its own dtype (float16, bfloat16): compare at that precision
+    if not torch.allclose(layer.dequantize().to(weight.dtype).float(), weight.float(), rtol=1e-5, atol=1e-6):
         raise WorkbenchError(f"{name}: the model's weight no longer matches its codes and grid; export the "
                              f"result of quantize() before changing the model")
 

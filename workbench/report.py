@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from . import atomic
 from .errors import WorkbenchError
+from .jsonsafe import dumps, restore
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
-        d = dict(d)
+        d = restore(d)
         d["layers"] = [LayerRecord(**r) for r in d.get("layers", [])]
         return cls(**d)
 
@@ -50,7 +51,7 @@ class Report:
         return pd.DataFrame(rows, columns=None if rows else ["name", "block", "kind", "loss", "rel_error", "seconds"])
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        return write_atomic(path, json.dumps(self.to_dict(), indent=2))
+        return write_atomic(path, dumps(self.to_dict(), indent=2))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Report":
@@ -72,13 +73,4 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write to a temporary file beside ``path`` and rename it over, so no half-written file remains."""
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_atomic(check_writable(path), text)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -192,8 +191,3 @@ def _patterns(who: str, raw) -> tuple[str, ...]:
         return _fail(who, f"must be text patterns, got {_show(raw)}")
     return tuple(p.strip() for p in items if p.strip())
 
-
-def device_problem(value: str) -> str | None:
-    if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
-        return None
-    return f"must be one of auto, cpu, cuda or cuda:N, got {value!r}"

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .api import QuantizeResult, quantize, save
+from .api import QuantizeResult, check_against_model, quantize, save
 from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
 from .diagnostics.spectra import Spectra, hessian_spectra
-from .engine import Event, resolve_device
+from .devices import resolve_device
+from .engine import Event
 from .errors import Cancelled, WorkbenchError
 from .evaluate import perplexity
 from .models.loading import LoadedModel, load_model
@@ -36,6 +39,63 @@ HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the p
 
 
 # -- models -------------------------------------------------------------------------------------
+
+POLL = 0.1      # seconds between looks at ``cancel`` while waiting on a lock or a load
+
+
+class RunSlots:
+    """At most ``limit`` heavy runs (quantize, measure, spectra) at once in this process; the others wait
+    their turn, and can be cancelled while they wait. Each run copies the model and holds its
+    activations, so the app's sessions share a few slots instead of all running at once. A thread that
+    holds a slot can take it again (a measured run quantizes inside its own slot)."""
+
+    def __init__(self, limit: int = 2):
+        self._cond = threading.Condition()
+        self._local = threading.local()
+        self.limit, self.active = limit, 0
+
+    def set_limit(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"at least one run must be allowed, got {limit}")
+        with self._cond:
+            self.limit = limit
+            self._cond.notify_all()
+
+    @contextmanager
+    def held(self, cancel=None, on_event=None, what: str = "run"):
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                if self.active >= self.limit:
+                    _say(on_event, f"{what}: waiting for a free slot ({self.active} of {self.limit} runs going)")
+                while self.active >= self.limit:
+                    self._cond.wait(POLL)
+                    _check(cancel)
+                self.active += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self.active -= 1
+                    self._cond.notify()
+
+
+SLOTS = RunSlots(int(os.environ.get("WORKBENCH_MAX_RUNS", "2")))
+
+
+@contextmanager
+def holding(lock: threading.Lock, cancel=None):
+    """``with lock:`` that stops waiting with ``Cancelled`` once ``cancel`` is set."""
+    while not lock.acquire(timeout=POLL):
+        _check(cancel)
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 @dataclass
 class SharedModel:
@@ -52,9 +112,9 @@ class SharedModel:
         """The shared weights with the shared, thread-safe tokenizer."""
         return dataclasses.replace(self.loaded, tokenizer=self.tokenizer)
 
-    def working_copy(self) -> LoadedModel:
+    def working_copy(self, cancel=None) -> LoadedModel:
         """A deep copy to quantize in place."""
-        with self.lock:
+        with holding(self.lock, cancel):
             model = copy.deepcopy(self.loaded.model).eval()
         return dataclasses.replace(self.private(), model=model)
 
@@ -74,11 +134,34 @@ class ModelCache:
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, spec: str) -> SharedModel:
+    def get(self, spec: str, cancel=None) -> SharedModel:
+        """The cached model; loaded on first use. With ``cancel`` the caller can stop waiting (for the load,
+        or for another thread's load of the same model) with ``Cancelled``: the load itself goes on in the
+        background and serves the next run."""
         spec = spec.strip()
         with self._guard:
             if spec in self._models:
                 return self._models[spec]
+        if cancel is None:
+            return self._load(spec)
+        done: dict = {}
+
+        def load():
+            try:
+                done["model"] = self._load(spec)
+            except BaseException as exc:   # handed to the caller below
+                done["error"] = exc
+        t = threading.Thread(target=load, name=f"workbench-load-{spec}", daemon=True)
+        t.start()
+        while t.is_alive():
+            _check(cancel)
+            t.join(POLL)
+        if "error" in done:
+            raise done["error"]
+        return done["model"]
+
+    def _load(self, spec: str) -> SharedModel:
+        with self._guard:
             lock = self._loading.setdefault(spec, threading.Lock())
         with lock:
             with self._guard:
@@ -165,12 +248,25 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
                   shared: SharedModel | None = None) -> QuantizeResult:
     """Quantize a private copy of the cached model; its full-precision perplexity is computed once."""
     cfg = cfg.validate()
+    _precheck(cfg, shared or (models.get(cfg.model) if models.loaded(cfg.model) else None))
+    with SLOTS.held(cancel, on_event, cfg.method):
+        return _quantize_copy(cfg, models, on_event, cancel, shared)
+
+
+def _precheck(cfg: QuantizeConfig, shared: SharedModel | None):
+    """Settings the model cannot take, or a run that cannot fit, refused before waiting for a slot."""
+    if shared is not None:
+        check_against_model(shared.loaded, cfg, copies=1)
+
+
+def _quantize_copy(cfg, models, on_event, cancel, shared) -> QuantizeResult:
     if shared is None:
         _say(on_event, f"{cfg.method}: loading {cfg.model}")
-        shared = models.get(cfg.model)
+        shared = models.get(cfg.model, cancel)
+    check_against_model(shared.loaded, cfg, copies=1)
     _check(cancel)
     _say(on_event, f"{cfg.method}: copying the model")
-    work = shared.working_copy()
+    work = shared.working_copy(cancel)
     _check(cancel)
     device = resolve_device(cfg.device)
     evaluate = cfg.eval_windows >= 0
@@ -198,12 +294,19 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
     """Quantize a private copy and measure it: perplexity before and after, and every layer's and
     head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
     cfg = cfg.validate()
+    _precheck(cfg, models.get(cfg.model) if models.loaded(cfg.model) else None)
+    with SLOTS.held(cancel, on_event, cfg.method):
+        return _run(cfg, models, on_event, cancel, heldout)
+
+
+def _run(cfg, models, on_event, cancel, heldout) -> Outcome:
     _say(on_event, f"{cfg.method}: loading {cfg.model}")     # said before the load, which may take a while
-    shared = models.get(cfg.model)
+    shared = models.get(cfg.model, cancel)
     result = quantize_copy(cfg, models=models, on_event=on_event, cancel=cancel, shared=shared)
     _say(on_event, f"{cfg.method}: measuring errors on held-out windows")
     ids = evaluation_windows(shared.tokenizer, cfg.eval_text, cfg.seqlen, heldout or default_heldout(cfg))
-    with shared.lock:
+    _check(cancel)
+    with holding(shared.lock, cancel):
         recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
                                       batch_size=cfg.batch_size, device=resolve_device(cfg.device),
                                       max_blocks=cfg.max_blocks, cancel=cancel)
@@ -227,8 +330,14 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
             heads: bool = True) -> Spectra:
     """Spectra of the cached full-precision model on the calibration windows a run with ``cfg`` draws."""
     cfg = cfg.validate()
+    with SLOTS.held(cancel, on_event, "spectra"):
+        return _spectra(cfg, models, on_event, cancel, heads)
+
+
+def _spectra(cfg, models, on_event, cancel, heads) -> Spectra:
     _say(on_event, f"loading {cfg.model}")
-    shared = models.get(cfg.model)
+    shared = models.get(cfg.model, cancel)
+    check_against_model(shared.loaded, cfg)
     _check(cancel)
     _say(on_event, "tokenizing the calibration text")
     ids = calibration_windows(shared.tokenizer, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
@@ -238,7 +347,7 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
             on_event(Event("block_finished", index=b + 1, total=total, block=b))
 
     _say(on_event, "accumulating Hessians block by block")
-    with shared.lock:
+    with holding(shared.lock, cancel):
         return hessian_spectra(shared.loaded.model, shared.loaded.family, ids, batch_size=cfg.batch_size,
                                device=resolve_device(cfg.device), max_blocks=cfg.max_blocks, heads=heads,
                                damp=cfg.damp, on_block=on_block, cancel=cancel)

@@ -13,7 +13,9 @@ import pandas as pd
 
 from .. import workspace
 from ..config import QuantizeConfig
+from ..atomic import write_all_atomic
 from ..errors import WorkbenchError
+from ..jsonsafe import dumps
 from ..report import Report, check_writable, write_atomic
 from .reconstruction import Reconstruction
 from .spectra import Spectra
@@ -57,14 +59,13 @@ class Diagnosis:
                 "frames": frames}
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        return write_atomic(path, json.dumps(self.to_dict(), indent=1))
+        return write_atomic(path, dumps(self.to_dict(), indent=1))
 
     def to_csv(self, directory: str | os.PathLike) -> list[Path]:
         directory = Path(directory).expanduser()
-        written = []
-        for name, frame in self.frames().items():
-            written.append(write_atomic(directory / f"{name}.csv", frame.to_csv(index=False)))
-        return written
+        # all or none: a failure half-way must not leave a set of CSVs from two different runs
+        return write_all_atomic({directory / f"{name}.csv": frame.to_csv(index=False)
+                                 for name, frame in self.frames().items()})
 
 
 def diagnose(config: DiagnoseConfig, *, models: workspace.ModelCache = workspace.MODELS, on_event=None,

@@ -7,6 +7,8 @@ model sees its own accumulated error while the full-precision one stays clean.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,6 +33,21 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def on_device(block: nn.Module, device: torch.device) -> nn.Module:
+    """``block`` itself when it already lives on ``device``, else a copy there.
+
+    The walked models are often shared (the app's cached model): moving their blocks and back would
+    leave a block split across devices when the move fails half-way (an out-of-memory), or lost on a
+    device it cannot come back from. A copy costs one block of memory and touches nothing shared.
+    """
+    def there(t):
+        return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+    if all(there(t) for t in itertools.chain(block.parameters(), block.buffers())):
+        return block
+    return copy.deepcopy(block).to(device)
+
+
 def block_count(model: nn.Module, family: Family, max_blocks: int | None) -> int:
     n = len(family.blocks(model))
     return n if max_blocks is None else min(max_blocks, n)
@@ -42,8 +59,8 @@ def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, b
                 on_block=None, cancel=None) -> Iterator[StageView]:
     """Yield a ``StageView`` before every stage of the first ``max_blocks`` blocks.
 
-    Only the current block of each model is moved to ``device`` (and back afterwards), so a
-    model that does not fit on the device can still be walked. ``on_block(b, outputs)`` gets
+    Only the current block of each model is on ``device`` (a copy, when the model lives elsewhere:
+    the models are never moved), so a model that does not fit on the device can still be walked. ``on_block(b, outputs)`` gets
     every model's block outputs (list per model of per-batch tensors) when block ``b`` ends.
     ``cancel`` (anything with ``is_set()``) stops the walk before a block with ``Cancelled``.
     """
@@ -56,19 +73,17 @@ def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, b
     for b in range(block_count(models[0], family, max_blocks)):
         if cancel is not None and cancel.is_set():
             raise Cancelled("run cancelled")
-        homes = [_model_device(family.blocks(m)[b]) for m in models]
-        blocks = [family.blocks(m)[b].to(device) for m in models]
+        blocks = [on_device(family.blocks(m)[b], device) for m in models]
         gens = [[family.block_forward(blk, h, ctx) for h in hs] for blk, hs in zip(blocks, hidden)]
-        try:
-            while True:
-                advanced = [advance_stages(g) for g in gens]
-                if advanced[0][0] is None:
-                    hidden = [outs for _, outs in advanced]
-                    break
-                stages = [s for s, _ in advanced]
-                yield StageView(b, stages[0][0].kinds, blocks, stages, ctx)
-        finally:
-            for blk, home in zip(blocks, homes):
-                blk.to(home)
+        while True:
+            advanced = [advance_stages(g) for g in gens]
+            if advanced[0][0] is None:
+                hidden = [outs for _, outs in advanced]
+                break
+            stages = [s for s, _ in advanced]
+            if cancel is not None and cancel.is_set():   # a stage of a large model takes a while too
+                raise Cancelled("run cancelled")
+            yield StageView(b, stages[0][0].kinds, blocks, stages, ctx)
+        del blocks, gens
         if on_block is not None:
             on_block(b, hidden)

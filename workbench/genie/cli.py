@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ..errors import WorkbenchError
+from ..jsonsafe import dumps
 from .files import atomic_path, check_writable
 from .pipeline import DATA_SOURCES, GenieRunConfig, run_genie
 from .png import image_grid, write_png
@@ -71,7 +71,7 @@ def run(args) -> int:
             write_png(tmp, pixels)
     if report_path is not None:
         with atomic_path(report_path) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.write_text(dumps(report, indent=2) + "\n")
     r = report
     print(f"genie W{cfg.weight_bits}A{cfg.act_bits or 'fp'} data={cfg.data} method={cfg.method}: "
           f"accuracy fp {r['fp_accuracy']:.2f}% -> quant {r['quant_accuracy']:.2f}%, "

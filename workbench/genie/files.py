@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
+from .. import atomic
 from ..errors import WorkbenchError
 
 
@@ -21,14 +21,7 @@ def check_writable(path: str | Path, what: str) -> Path:
     return p
 
 
-@contextmanager
 def atomic_path(path: str | Path):
-    """Yields a temp path in the same folder; renamed onto ``path`` only if the block succeeds."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Yields an unguessable temp path in the same folder; renamed onto ``path`` (synced first) only if the
+    block succeeds. See ``workbench.atomic``."""
+    return atomic.atomic_path(path)

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..devices import check_device, resolve_device
 from ..errors import WorkbenchError
 from .bn_stats import bn_stats_loss
 from .data import DigitsConfig, DigitsSplit, load_digits_split, real_calibration
@@ -20,12 +21,6 @@ from .model import DEFAULT_WEIGHTS, load_default_model
 from .quantize import GenieMConfig, quantize_model
 
 DATA_SOURCES = ("genie", "pixels", "noise", "real")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -53,6 +48,9 @@ class GenieRunConfig:
             raise WorkbenchError(f"unknown data source {self.data!r}; choose one of {', '.join(DATA_SOURCES)}")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise WorkbenchError(f"samples must be a positive integer, got {self.samples!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= 2 ** 32 - 1:
+            raise WorkbenchError(f"seed must be a whole number from 0 to {2 ** 32 - 1}, got {self.seed!r}")
+        check_device(self.device)
         self.quant_config()        # validates bits and method
         if self.data != "real":
             self.distill_config((1, 8, 8))

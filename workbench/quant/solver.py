@@ -62,6 +62,46 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H
 
 
+class SolverError(ValueError):
+    """A layer's statistics the solver cannot use; the engine names the layer and raises it to the user."""
+
+
+DAMP_LIMIT = 1.0       # damping retried x10 up to this: beyond it H is mostly its diagonal, little better than RTN
+DAMP_FLOOR = 1e-4      # the first retry of damp 0
+
+
+def damping_steps(damp: float) -> list[float]:
+    """The damping asked for, then x10 (from ``DAMP_FLOOR`` for 0) while it stays within ``DAMP_LIMIT``."""
+    steps, d = [damp], max(damp, DAMP_FLOOR / 10) * 10
+    while d <= DAMP_LIMIT * (1 + 1e-9):
+        steps.append(min(d, DAMP_LIMIT))
+        d *= 10
+    if steps[-1] < DAMP_LIMIT:
+        steps.append(DAMP_LIMIT)
+    return steps
+
+
+def check_finite(t: torch.Tensor, what: str):
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise SolverError(f"{what} has {bad} entries that are not finite (NaN or inf)")
+
+
+def stable_damping(H: torch.Tensor, damp: float, what: str = "the Hessian") -> float:
+    """The least of ``damping_steps(damp)`` with which ``damped(H, .)`` factors (Cholesky of it and its
+    inverse): one short calibration window or ``damp=0`` leaves H singular, and a retry beats a stop."""
+    check_finite(H, what)
+    for d in damping_steps(damp):
+        try:
+            U = inverse_cholesky_upper(damped(H, d))
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(U).all()):
+            return d
+    raise SolverError(f"{what} is not positive definite even with damping {DAMP_LIMIT}; give more calibration "
+                      f"samples or a longer --seqlen")
+
+
 def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     """Upper ``U`` with ``H^-1 = U^T U``; its row j is the Cholesky row of ``(H[j:, j:])^-1``."""
     L = torch.linalg.cholesky(H)
@@ -205,9 +245,13 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     Hi = Hi if Hi.dim() == 3 else Hi.unsqueeze(0)
     dead = Hi.diagonal(dim1=-2, dim2=-1) <= 0                               # [B|1, C]
     Wf = Wf.masked_fill(dead.unsqueeze(1), 0.0)
-    Hd = damped(Hi, cfg.damp)
+    check_finite(Wf, "the weight")
+    damping = {"damp": stable_damping(Hi, cfg.damp, "the input Hessian")}
+    Hd = damped(Hi, damping["damp"])
     if cross is not None and cfg.dx_alpha > 0:
-        Hc = Hd if cross_H is None else damped(cross_H.to(torch.float32), cfg.damp)
+        check_finite(cross, "the cross moment of the inherited errors")
+        Hc = Hd if cross_H is None else damped(cross_H.to(torch.float32),
+                                                stable_damping(cross_H.to(torch.float32), cfg.damp))
         Wf = dx_corrected_target(Wf, Hc, cross.to(torch.float32), cfg.dx_alpha)
     target = Wf.clone()
     gw = grid.group_width(C)
@@ -236,7 +280,8 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     if H_out is None:
         Q = gptq_columns(Wf, U_in, scale, zero, grid, unit, dynamic_groups, cfg.block_size)
     else:
-        Ho = damped(H_out.to(torch.float32), cfg.damp)
+        damping["damp_out"] = stable_damping(H_out.to(torch.float32), cfg.damp, "the output Hessian")
+        Ho = damped(H_out.to(torch.float32), damping["damp_out"])
         U_out = inverse_cholesky_upper(Ho)
         Q = torch.empty_like(Wf)
         R = Wf.shape[1]
@@ -272,7 +317,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
 
     loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
                           None if H_out is None else H_out.to(torch.float32))
-    return SolveResult(from_codes(codes, scale_g, zero_g, grid), float(loss))
+    return SolveResult(from_codes(codes, scale_g, zero_g, grid), float(loss), damping)
 
 
 def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, inv: torch.Tensor | None, grid: GridConfig):

@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 from pathlib import Path
 
 import gradio as gr
 
+from ..errors import WorkbenchError
 from ..models.loading import DEFAULT_MODEL
-from ..workspace import MODELS, ModelCache
+from ..workspace import MODELS, SLOTS, ModelCache
 from . import text
 from .compare_tab import build_compare_tab
+from .exposure import EXPOSURE, exposure_warnings, is_loopback, parse_auth
 from .form import build_form
 from .inspect_tab import build_inspect_tab
 from .quantize_tab import build_quantize_tab
-from .session import FILES_ROOT, Session, close_session
+from .session import Session, close_session, files_root
 
 log = logging.getLogger("workbench.ui")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 DEFAULT_WORKSPACE = "workbench-runs"
+CACHE_CLEANUP = (3600, 86400)     # Gradio's delete_cache: (how often, how old), seconds
 
 
 def build_app(default_model: str | None = None, start: dict | None = None, method: str = "gptq",
@@ -35,7 +39,8 @@ def build_app(default_model: str | None = None, start: dict | None = None, metho
     if default_model is not None:
         start["model"] = default_model
     models = models or MODELS
-    with gr.Blocks(title="Quant Workbench", analytics_enabled=False) as demo:
+    # Gradio's own cache of served files: swept hourly of what is older than a day, and removed at exit
+    with gr.Blocks(title="Quant Workbench", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         session = gr.State(Session, delete_callback=close_session)
         gr.Markdown(text.INTRO)
         form = build_form(start)
@@ -72,18 +77,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--workspace", default=DEFAULT_WORKSPACE, metavar="DIR",
                    help="folder the Quantize tab saves models into (one folder per save)")
+    p.add_argument("--auth", default=os.environ.get("WORKBENCH_AUTH"), metavar="USER:PASSWORD",
+                   help="require this login (Gradio auth); also read from $WORKBENCH_AUTH, which keeps the "
+                        "password out of the process list")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="with a non-loopback host or --share: folders the form's file paths (model, texts) may "
+                        "lie under; repeatable (none: no file paths)")
     p.add_argument("--no-preload", dest="preload", action="store_false", help="load the model on the first run")
+    p.add_argument("--max-runs", type=int, default=SLOTS.limit,
+                   help="runs at once across all pages (each copies the model); the others wait their turn")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.max_runs < 1:
+        raise SystemExit(f"app.py: error: --max-runs must be at least 1, got {args.max_runs}")
+    try:
+        auth = parse_auth(args.auth) if args.auth else None
+    except WorkbenchError as exc:
+        raise SystemExit(f"app.py: error: {exc}") from None
+    SLOTS.set_limit(args.max_runs)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    public = args.share or not is_loopback(args.host)
+    # the model the operator serves the page on is theirs to name, wherever it lies
+    own = [args.model] if Path(args.model).expanduser().is_dir() else []
+    EXPOSURE.configure(public, [*args.allow_path, *own])
+    for line in exposure_warnings(args.host, args.share, auth is not None, EXPOSURE.roots):
+        log.warning(line)
     from ..models.loading import quiet_transformers
     quiet_transformers()
     demo = build_app(default_model=args.model, runs_dir=args.workspace)
     if args.preload:
         preload(args.model)
-    FILES_ROOT.mkdir(parents=True, exist_ok=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(FILES_ROOT)],
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(files_root())],
+                auth=auth,
                 footer_links=["gradio"])

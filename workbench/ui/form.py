@@ -13,6 +13,7 @@ import gradio as gr
 
 from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
 from ..settings import METHOD_DEFAULT, Setting
+from .exposure import EXPOSURE
 
 FACE = "app"
 # a quick look that finishes in a minute or two on a CPU; every value can be raised in the form
@@ -58,7 +59,7 @@ class Form:
 
     def config(self, raw, method: str) -> QuantizeConfig:
         """The form's values as ``method``'s config; raises ``WorkbenchError`` naming the field."""
-        return for_method(self.values(raw), method, FACE)
+        return EXPOSURE.check(for_method(self.values(raw), method, FACE), FACE)
 
     def method_fields(self) -> dict:
         """The fields that apply to some methods only, with those methods."""

@@ -5,8 +5,10 @@ to every handler of that page, so two visitors never share runs, caches or cance
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -14,10 +16,25 @@ from ..errors import WorkbenchError
 from ..jobs import Job
 from ..workspace import spectra_key
 
-FILES_ROOT = Path(tempfile.gettempdir()) / "quant-workbench-app"
+_ROOT: Path | None = None
+_ROOT_LOCK = threading.Lock()
 RESULT_CAPACITY = 32
 SAVABLE_CAPACITY = 2       # runs whose codes stay in memory for Save (the whole model's, ~1 byte per weight)
 SPECTRA_CAPACITY = 4
+
+
+def files_root() -> Path:
+    """This process's folder for the files pages download, the only one Gradio is allowed to serve.
+
+    Made by ``mkdtemp``: a fresh name nobody could have planted (a link there would make the app serve
+    what it points to), mode 0700 so other users of the host read nothing of it; removed at exit.
+    """
+    global _ROOT
+    with _ROOT_LOCK:
+        if _ROOT is None or not _ROOT.is_dir():
+            _ROOT = Path(tempfile.mkdtemp(prefix="quant-workbench-app-"))
+            atexit.register(shutil.rmtree, _ROOT, True)
+        return _ROOT
 
 
 class Session:
@@ -29,6 +46,7 @@ class Session:
         self.last_compare: list = []                  # Outcomes of the latest Compare
         self.current_spectra = None                   # (QuantizeConfig, Spectra) shown in Inspect
         self._files: Path | None = None
+        self._lock = threading.Lock()
 
     def __deepcopy__(self, memo):
         # Gradio deep-copies state values; a session holds threads and events, and is per page anyway
@@ -39,10 +57,12 @@ class Session:
         return self.job is not None and self.job.running
 
     def start(self, work, name: str) -> Job:
-        if self.busy:
-            raise WorkbenchError("a run is already going in this page; wait for it or press Cancel")
-        self.job = Job(work, name).start()
-        return self.job
+        # two clicks arrive on two server threads: the check and the start are one step
+        with self._lock:
+            if self.busy:
+                raise WorkbenchError("a run is already going in this page; wait for it or press Cancel")
+            self.job = Job(work, name).start()
+            return self.job
 
     def cancel(self) -> bool:
         if self.busy:
@@ -85,8 +105,7 @@ class Session:
 
     def files_dir(self) -> Path:
         if self._files is None:
-            FILES_ROOT.mkdir(parents=True, exist_ok=True)
-            self._files = Path(tempfile.mkdtemp(prefix="session-", dir=FILES_ROOT))
+            self._files = Path(tempfile.mkdtemp(prefix="session-", dir=files_root()))
         return self._files
 
     def close(self):

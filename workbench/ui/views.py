@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from ..jsonsafe import dumps
 from ..report import write_atomic
 from ..figures.style import method_label
 
@@ -54,9 +55,10 @@ def message_html(text: str, kind: str = "info") -> str:
 
 def error_text(exc: BaseException) -> str:
     from ..errors import WorkbenchError
+    from .exposure import EXPOSURE
     if isinstance(exc, WorkbenchError):
-        return str(exc)
-    return f"the run failed: {type(exc).__name__}: {exc}"
+        return EXPOSURE.scrub(str(exc))
+    return EXPOSURE.scrub(f"the run failed: {type(exc).__name__}: {exc}")
 
 
 def _fmt(v, digits=3):
@@ -107,7 +109,7 @@ def write_run_files(directory: Path, stem: str, outcomes: list) -> list[str]:
     bundle = [{"report": o.report.to_dict(),
                "heldout": {k: json.loads(f.to_json(orient="records")) for k, f in o.reconstruction.frames().items()}}
               for o in outcomes]
-    j = write_atomic(directory / f"{stem}.json", json.dumps(bundle[0] if len(bundle) == 1 else bundle, indent=1))
+    j = write_atomic(directory / f"{stem}.json", dumps(bundle[0] if len(bundle) == 1 else bundle, indent=1))
     layers = pd.concat([o.layers for o in outcomes], ignore_index=True)
     c = write_atomic(directory / f"{stem}-layers.csv", layers.to_csv(index=False))
     return [str(j), str(c)]
