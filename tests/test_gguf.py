@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import workbench
-from conftest import tiny_llama
+from tests.conftest import tiny_llama
 from workbench.errors import WorkbenchError
 from workbench.export_gguf import find_gguf, rotary_rows
 from workbench.quant.grid import GridConfig, group_params
