@@ -31,6 +31,9 @@ BAD = [
     ("seed", 2 ** 64, "gptq", "must be at most 4294967295, got 18446744073709551616"),
     ("bits", "four", "gptq", "must be a whole number, got 'four'"),
     ("symmetric", "maybe", "gptq", "must be on or off, got 'maybe'"),
+    ("format", "gguf:q4_2", "gptq", "must be one of pack-quantized, fake-quant, gguf:q4_0, gguf:q4_1, gguf:q5_0, "
+                                   "gguf:q5_1, gguf:q8_0, gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, "
+                                   "got 'gguf:q4_2'"),
     ("max_blocks", -1, "gptq", "must be at least 1, got -1"),
     ("ignore", "re:(", "gptq", "has a bad regular expression 're:(': missing ), unterminated subpattern at position 0"),
     ("device", "meta", "gptq", "must be one of auto, cpu, cuda or cuda:N, got 'meta'"),
