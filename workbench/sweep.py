@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DEFAULTS, SETTINGS, QuantizeConfig, build_config
+from .config import DEFAULTS, SETTINGS, build_config
 from .errors import WorkbenchError
 from .report import write_atomic
 
@@ -207,5 +207,3 @@ def parse_axes(axes: dict[str, list], face: str = "cli") -> dict[str, list]:
     """Each axis value through its setting's declaration (``"-1"`` -> -1), named the way ``face`` does."""
     return {name: [SETTINGS[name].parse(v, face) for v in values] for name, values in axes.items()}
 
-
-__all__ = ["Point", "SweepResult", "grid_points", "read_grid_file", "sweep", "write_summary", "QuantizeConfig"]

@@ -1,9 +1,7 @@
 """``workbench sweep``: the command line of ``workbench.sweep``."""
 from __future__ import annotations
 
-import argparse
-
-from .config import DEFAULTS, SETTINGS
+from .config import SETTINGS
 from .errors import WorkbenchError
 from .flags import add_setting_flags
 
@@ -61,5 +59,3 @@ def run_sweep(args) -> int:
         print(f"  {r['id']}: {tail}")
     return 1 if result.failed and not done else 0
 
-
-__all__ = ["add_parser", "DEFAULTS"]
