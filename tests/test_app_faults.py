@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import tiny_llama
 from tests.test_app_browser import ARTIFACTS, _free_port, _need_browser, _set, _shot
+from tests.test_app_browser import browser  # noqa: F401  (the same Chromium fixture)
 from workbench.memory import rss_bytes
 from workbench.ui import build_app
 from workbench.ui.session import files_root
@@ -41,18 +42,6 @@ def fault_app(tmp_path_factory, tokenizer):
         SLOTS.set_limit(limit)
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-    from tests.test_app_browser import CHROMIUM
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM,
-                              args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
-
-
 def open_page(browser, url):
     page = browser.new_context().new_page()
     page.set_default_timeout(180_000)
@@ -71,8 +60,8 @@ def wait_done(page):
 
 
 @pytest.mark.browser
-def test_sessions_under_load(fault_app, chromium):
-    a, b, c = (open_page(chromium, fault_app) for _ in range(3))
+def test_sessions_under_load(fault_app, browser):
+    a, b, c = (open_page(browser, fault_app) for _ in range(3))
     b.locator("#wb-method").get_by_text("RTN", exact=True).click()
 
     # two sessions at once
