@@ -193,7 +193,8 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser, runs_dir):
     back = workbench.load_quantized(runs_dir / "boa-tiny")
     assert len(back.packed) == 14 and back.scheme.bits == TINY["bits"]
     page.locator("#wb-save").click()                      # the folder exists now: refused without Replace
-    page.wait_for_selector("#wb-save-status :text('--overwrite')")
+    page.wait_for_selector("#wb-save-status :text('Replace an existing folder')")
+    assert str(runs_dir) not in page.locator("#wb-save-status").inner_text()
     _shot(page, "app-save.png")
 
     # another visitor sees none of it, and their Cancel touches nothing

@@ -93,6 +93,9 @@ def save_last_run(sess, models: workspace.ModelCache, runs_dir: Path, name: str,
     if not FOLDER_NAME.fullmatch(name) or name in (".", ".."):
         raise WorkbenchError(f"Folder name {name!r} may hold letters, digits, '.', '-' and '_' only (no slashes), "
                              f"128 characters at most")
+    if (runs_dir / name).exists() and not replace:   # said in the page's words, not the CLI's flag
+        raise WorkbenchError(f"{runs_dir.name}/{name} exists already; tick 'Replace an existing folder' or choose "
+                             f"another Folder name")
     runs_dir.mkdir(parents=True, exist_ok=True)
     info = workspace.save_outcome(outcome, runs_dir / name, overwrite=bool(replace), models=models)
     archive = shutil.make_archive(str(sess.files_dir() / name), "zip", root_dir=runs_dir, base_dir=name)
