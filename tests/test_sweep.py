@@ -83,3 +83,60 @@ def test_cli_sweep(ray_cluster, tiny_checkpoints, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 of 2 points done" in out and "rtn-w3-gpc-s0" in out
     assert main(["sweep", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+
+
+def test_compare_on_ray_gives_the_outcomes_of_the_runs_here(ray_cluster, tiny_checkpoints):
+    """The app's Compare with a Ray address: four tasks at once, their events streamed back, the same numbers."""
+    from workbench import workspace
+    from workbench.config import build_config
+    from workbench.jobs import Job
+    from workbench.ui.compare_tab import COMPARE_METHODS, ray_work
+    configs = {m: build_config({"model": tiny_checkpoints["llama"], **TINY, "method": m}, "api").validate()
+               for m in COMPARE_METHODS}
+    cached = dict.fromkeys(COMPARE_METHODS)
+    job = Job(ray_work(configs, cached, "local"), "compare").start()
+    messages = [m for m in job.messages() if m is not None]
+    assert messages[-1].kind == "result", messages[-1].payload
+    outcomes = {m.payload.method: m.payload for m in messages if m.kind == "outcome"}
+    assert sorted(outcomes) == sorted(COMPARE_METHODS)
+    finished = {m.payload[0] for m in messages if m.kind == "event" and m.payload[1].kind == "layer_finished"}
+    assert finished == set(COMPARE_METHODS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for m in ("rtn", "turboboa"):
+            here = workspace.run(configs[m], models=workspace.ModelCache())
+            assert outcomes[m].report.ppl_quant == pytest.approx(here.report.ppl_quant, rel=1e-6)
+            assert list(outcomes[m].layers["rel_error"]) == pytest.approx(list(here.layers["rel_error"]), rel=1e-5)
+            assert outcomes[m].packed is None
+    finally:
+        torch.set_num_threads(threads)
+    # a method already in the page's cache is shown from it, not run again
+    again = Job(ray_work(configs, {**cached, "rtn": outcomes["rtn"]}, "local"), "compare").start()
+    kinds = [(m.kind, m.payload if m.kind == "method" else None) for m in again.messages() if m is not None]
+    assert ("method", "rtn") not in kinds and ("method", "gptq") in kinds and kinds[-1][0] == "result"
+
+
+def test_compare_on_ray_cancels_its_tasks(ray_cluster, tiny_checkpoints):
+    from workbench.config import build_config
+    from workbench.jobs import Job
+    from workbench.ui.compare_tab import COMPARE_METHODS, ray_work
+    configs = {m: build_config({"model": tiny_checkpoints["llama"], **TINY, "method": m}, "api").validate()
+               for m in COMPARE_METHODS}
+    job = Job(ray_work(configs, dict.fromkeys(COMPARE_METHODS), "local"), "compare").start()
+    for msg in job.messages():
+        if msg is not None and msg.kind == "method":
+            job.cancel.set()
+        if msg is not None and msg.kind in ("result", "cancelled", "error"):
+            break
+    assert msg.kind == "cancelled"
+    job.join(10)
+    assert not job.running
+
+
+def test_a_ray_address_nobody_answers_is_refused_at_once():
+    from workbench.sweep import _check_reachable
+    with pytest.raises(WorkbenchError, match="no Ray cluster answers at '127.0.0.1:1'.*ray start --head"):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(WorkbenchError, match="not of the form HOST:PORT"):
+        _check_reachable("nonsense")

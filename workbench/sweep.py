@@ -86,6 +86,18 @@ def run_point(values: dict) -> dict:
     return workbench.quantize(cfg).report.to_dict()
 
 
+def run_outcome(cfg, events=None, tag=None):
+    """One measured run (``workspace.run``) in whichever process runs it: the app's Compare on Ray.
+
+    Its progress events go to ``events`` (a ``ray.util.queue.Queue``) as ``(tag, event)``; the codes
+    stay behind (the whole model's worth, too much to ship back for a comparison)."""
+    from . import workspace
+    on_event = None if events is None else (lambda ev: events.put((tag, ev)))
+    outcome = workspace.run(cfg, on_event=on_event)
+    outcome.packed = None
+    return outcome
+
+
 def _row(point: Point, report: dict | None = None, error: str | None = None) -> dict:
     v = {**DEFAULTS, **point.values}
     row = {"id": point.id, "method": v["method"], "bits": v["bits"], "group_size": v["group_size"], "seed": v["seed"],
@@ -97,18 +109,37 @@ def _row(point: Point, report: dict | None = None, error: str | None = None) -> 
     return row
 
 
-def _start_ray(address: str, cpus: int | None):
+def start_ray(address: str = "local", cpus: int | None = None):
+    """Ray, connected: a local cluster of this machine's cores (``local``) or the cluster at ``address``."""
     try:
         import ray
     except ImportError:
-        raise WorkbenchError(f"workbench sweep runs its points on Ray: {INSTALL_HINT}") from None
+        raise WorkbenchError(f"running on Ray needs ray: {INSTALL_HINT}") from None
     if not ray.is_initialized():
         if address == "local":
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         else:
-            ray.init(address=address, log_to_driver=False)
+            _check_reachable(address)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise WorkbenchError(f"no Ray cluster answers at {address!r} ({str(exc).strip().splitlines()[0]}); "
+                                     f"start one there with `ray start --head`, or give local") from None
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 3.0):
+    """A cluster address nobody listens on is said at once (Ray itself waits a minute or more)."""
+    import socket
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise WorkbenchError(f"the Ray address {address!r} is not of the form HOST:PORT (or local)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise WorkbenchError(f"no Ray cluster answers at {address!r} ({exc.strerror or exc}); start one there "
+                             f"with `ray start --head`, or give local") from None
 
 
 def sweep(points: list[Point], directory: str | os.PathLike, address: str = "local", cpus_per_point: float = 1,
@@ -133,7 +164,7 @@ def sweep(points: list[Point], directory: str | os.PathLike, address: str = "loc
         todo.append(p)
     bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="point", disable=not progress)
     if todo:
-        ray = _start_ray(address, cluster_cpus)
+        ray = start_ray(address, cluster_cpus)
         task = ray.remote(run_point).options(num_cpus=cpus_per_point, num_gpus=gpus_per_point, max_retries=0)
         pending = {task.remote(p.values): p for p in todo}
         try:
@@ -143,7 +174,7 @@ def sweep(points: list[Point], directory: str | os.PathLike, address: str = "loc
                 try:
                     report = ray.get(ready[0])
                 except Exception as exc:   # the point's own error, carried back by Ray
-                    message = _task_error(exc)
+                    message = task_error(exc)
                     _fail(out, p, message)
                     rows[p] = _row(p, error=message)
                 else:
@@ -162,7 +193,7 @@ def sweep(points: list[Point], directory: str | os.PathLike, address: str = "loc
     return result
 
 
-def _task_error(exc: BaseException) -> str:
+def task_error(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, WorkbenchError):
         return str(cause)

@@ -31,10 +31,12 @@ CACHE_CLEANUP = (3600, 86400)     # Gradio's delete_cache: (how often, how old),
 
 
 def build_app(default_model: str | None = None, start: dict | None = None, method: str = "gptq",
-              models: ModelCache | None = None, runs_dir: str | Path = DEFAULT_WORKSPACE) -> gr.Blocks:
+              models: ModelCache | None = None, runs_dir: str | Path = DEFAULT_WORKSPACE,
+              ray_address: str | None = None) -> gr.Blocks:
     """The page. ``start`` holds the form's starting values by setting name (over a quick look:
     ``form.APP_START``), ``default_model`` the model it opens on, ``method`` the Quantize tab's method,
-    ``runs_dir`` the folder saved models go to."""
+    ``runs_dir`` the folder saved models go to, ``ray_address`` where Compare runs its methods as Ray
+    tasks (``local`` for a cluster of this machine's cores; none: one after another in this process)."""
     start = dict(start or {})
     if default_model is not None:
         start["model"] = default_model
@@ -48,7 +50,7 @@ def build_app(default_model: str | None = None, start: dict | None = None, metho
             with gr.Tab("Quantize", id="quantize", elem_id="wb-tab-quantize"):
                 build_quantize_tab(form, session, models, method, Path(runs_dir).expanduser())
             with gr.Tab("Compare", id="compare", elem_id="wb-tab-compare"):
-                build_compare_tab(form, session, models)
+                build_compare_tab(form, session, models, ray_address)
             with gr.Tab("Inspect", id="inspect", elem_id="wb-tab-inspect") as inspect_tab:
                 _, (refresh, inputs, outputs) = build_inspect_tab(form, session, models)
         inspect_tab.select(refresh, inputs, outputs, show_progress="hidden")
@@ -83,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="with a non-loopback host or --share: folders the form's file paths (model, texts) may "
                         "lie under; repeatable (none: no file paths)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run Compare's four methods at once as Ray tasks: local (a cluster of this machine's cores) "
+                        "or a running cluster's address; needs ray (the sweep extra)")
     p.add_argument("--no-preload", dest="preload", action="store_false", help="load the model on the first run")
     p.add_argument("--max-runs", type=int, default=SLOTS.limit,
                    help="runs at once across all pages (each copies the model); the others wait their turn")
@@ -107,7 +112,13 @@ def main(argv=None):
         log.warning(line)
     from ..models.loading import quiet_transformers
     quiet_transformers()
-    demo = build_app(default_model=args.model, runs_dir=args.workspace)
+    if args.ray:
+        try:
+            from ..sweep import start_ray
+            start_ray(args.ray)
+        except WorkbenchError as exc:
+            raise SystemExit(f"app.py: error: --ray: {exc}") from None
+    demo = build_app(default_model=args.model, runs_dir=args.workspace, ray_address=args.ray)
     if args.preload:
         preload(args.model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(files_root())],

@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import workspace
-from ..errors import WorkbenchError
+from ..errors import Cancelled, WorkbenchError
 from ..figures import attention_heatmaps, empty_figure, layer_error_figure
 from . import text
 from .form import Form
@@ -30,10 +30,15 @@ class CompareView(TabView):
     files: gr.File
 
 
-def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCache) -> CompareView:
+def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCache,
+                      ray_address: str | None = None) -> CompareView:
+    """``ray_address`` (``local`` or a cluster's address): the four methods run at once as Ray tasks."""
     gr.Markdown(text.COMPARE)
+    if ray_address:
+        gr.Markdown(text.COMPARE_ON_RAY.format(address=ray_address))
     with gr.Row():
-        run = gr.Button("Run all four methods", variant="primary", elem_id="wb-compare-run", scale=2)
+        label = "Run all four methods" + (" on Ray" if ray_address else "")
+        run = gr.Button(label, variant="primary", elem_id="wb-compare-run", scale=2)
         cancel = gr.Button("Cancel", variant="stop", elem_id="wb-compare-cancel", scale=1)
     view = CompareView(
         status=gr.HTML(elem_id="wb-c-status"),
@@ -49,7 +54,7 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
     view.files.render()
 
     def on_run(sess, value, *values):
-        yield from stream_compare(sess, models, form, view, value, values)
+        yield from stream_compare(sess, models, form, view, value, values, ray_address)
 
     run.click(on_run, [session, reading, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
@@ -84,15 +89,8 @@ def summary_rows(outcomes: list, status: dict) -> pd.DataFrame:
     return summary_display(rows)
 
 
-def stream_compare(sess, models: workspace.ModelCache, form: Form, view: CompareView, reading: str, values):
-    try:   # every method's config checked before any work
-        configs = {m: form.config(values, m) for m in COMPARE_METHODS}
-    except WorkbenchError as exc:
-        yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
-        return
-    cached = {m: sess.cached(configs[m]) for m in COMPARE_METHODS}
-    first = configs[COMPARE_METHODS[0]]
-
+def local_work(configs: dict, cached: dict, models: workspace.ModelCache):
+    """The four methods one after another in this process, sharing its model cache."""
     def work(post, cancel):
         for m in COMPARE_METHODS:
             if cached[m] is not None:
@@ -101,14 +99,72 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
             post("method", m)
             post("outcome", workspace.run(configs[m], models=models, cancel=cancel,
                                           on_event=lambda ev, m=m: post("event", (m, ev))))
+    return work
 
+
+def ray_work(configs: dict, cached: dict, address: str, cpus_per_run: float = 1):
+    """The methods not in the cache at once, one Ray task each (a sweep of four points); their
+    progress events come back through a Ray queue. Cancel cancels the tasks."""
+    def work(post, cancel):
+        from ray.util.queue import Empty, Queue
+
+        from ..sweep import run_outcome, start_ray, task_error
+        for m in COMPARE_METHODS:
+            if cached[m] is not None:
+                post("outcome", cached[m])
+        todo = [m for m in COMPARE_METHODS if cached[m] is None]
+        if not todo:
+            return
+        ray = start_ray(address)
+        events = Queue()
+        task = ray.remote(run_outcome).options(num_cpus=cpus_per_run, max_retries=0)
+        pending = {task.remote(configs[m], events, m): m for m in todo}
+        for m in todo:
+            post("method", m)
+
+        def drain():
+            while True:
+                try:
+                    post("event", events.get_nowait())
+                except Empty:
+                    return
+        try:
+            while pending:
+                if cancel.is_set():
+                    raise Cancelled("compare cancelled")
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+                drain()
+                for ref in ready:
+                    m = pending.pop(ref)
+                    try:
+                        post("outcome", ray.get(ref))
+                    except Exception as exc:     # the run's own error, carried back by Ray
+                        raise WorkbenchError(f"{m}: {task_error(exc)}") from None
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            ray.kill(events.actor)
+    return work
+
+
+def stream_compare(sess, models: workspace.ModelCache, form: Form, view: CompareView, reading: str, values,
+                   ray_address: str | None = None):
+    try:   # every method's config checked before any work
+        configs = {m: form.config(values, m) for m in COMPARE_METHODS}
+    except WorkbenchError as exc:
+        yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
+        return
+    cached = {m: sess.cached(configs[m]) for m in COMPARE_METHODS}
+    first = configs[COMPARE_METHODS[0]]
+    work = ray_work(configs, cached, ray_address) if ray_address else local_work(configs, cached, models)
     try:
         job = sess.start(work, "compare")
     except WorkbenchError as exc:
         yield {view.status: message_html(str(exc), "warn")}
         return
     outcomes, live, status = [], [], {}
-    per_run, done_runs, done, label, last_plot, plotted = 0, 0, 0, "starting", 0.0, 0
+    done = {}                  # layers finished per method (all of them once its outcome is in)
+    per_run, label, last_plot, plotted = 0, "starting", 0.0, 0
     sess.last_compare = outcomes
     yield {view.status: message_html("comparing " + ", ".join(COMPARE_METHODS) + "...", "info"),
            view.progress: progress_html(0, 1, label, 0), view.table: summary_rows([], status),
@@ -116,8 +172,7 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
            view.files: None}
 
     def overall():
-        total = per_run * len(COMPARE_METHODS)
-        return done_runs * per_run + done, total
+        return sum(done.values()), per_run * len(COMPARE_METHODS)
 
     for msg in job.messages():
         elapsed = time.perf_counter() - job.started
@@ -134,10 +189,10 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
             if ev.kind == "phase":
                 label = ev.message
             elif ev.kind == "layer_finished":
-                done = ev.index
+                done[m] = ev.index
                 live.append({"method": m, "name": ev.layer, "block": ev.block, "kind": ev.layer_kind,
                              "rel_error": ev.rel_error})
-                label = f"{m}: {done}/{per_run} layers"
+                label = f"{m}: {ev.index}/{per_run} layers"
                 if time.perf_counter() - last_plot > PLOT_EVERY:
                     update[view.curves], plotted = curves_figure(outcomes, live, per_run), len(live)
                     last_plot = time.perf_counter()
@@ -148,8 +203,8 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
             outcomes.append(o)
             per_run = per_run or len(o.layers)
             status[o.method] = "cached" if was_cached else "done"
-            live, plotted, done = [], 0, 0
-            done_runs += 1
+            live = [p for p in live if p["method"] != o.method]
+            plotted, done[o.method] = 0, per_run
             label = f"{o.method} {'from cache' if was_cached else 'finished'}"
             update.update({view.table: summary_rows(outcomes, status),
                            view.heatmaps: heatmaps_figure(outcomes, reading),

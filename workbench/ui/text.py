@@ -26,6 +26,9 @@ instead, weighting each row by how attention uses it, and that is what the heatm
 (columns), how far the quantized attention drifts from full precision on held-out text (log colors, one
 shared scale: darker is better). Results are kept per settings: running the same comparison again is instant."""
 
+COMPARE_ON_RAY = """*On Ray ({address}):* the methods not yet in this page's cache run at once, one Ray task each
+(one CPU apiece), like a four-point `workbench sweep`; each task loads the model in its own worker."""
+
 INSPECT = """**Why some layers are hard.** A solver compensates rounding along the directions its Hessian
 says matter. The **spectrum** (eigenvalues of `H_in`, largest first, log scale) shows how unevenly the
 input energy is spread: a few huge eigenvalues mean outlier features dominate. The **condition number**
