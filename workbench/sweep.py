@@ -117,6 +117,9 @@ def start_ray(address: str = "local", cpus: int | None = None):
         raise WorkbenchError(f"running on Ray needs ray: {INSTALL_HINT}") from None
     if not ray.is_initialized():
         if address == "local":
+            # Ray renices its workers to 15: beside any other job on the machine they would starve,
+            # and a sweep is the job the user started
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         else:
