@@ -68,6 +68,9 @@ class QuantizeWidget(RunWidget):
             if ev.kind == "phase":
                 self.runner.say(ev.message)
                 return
+            if ev.kind == "progress":
+                self.runner.show_phase(ev)
+                return
             self.events.append(ev)
             self.total = ev.total or self.total
             if ev.kind == "layer_finished":
