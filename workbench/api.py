@@ -119,7 +119,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
 
 def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False, on_event=None):
     """Write the run in ``cfg.format``; returns the export's sizes. ``on_event`` gets progress events."""
-    progress = phase_progress(on_event, f"saving {cfg.format}", "layer")
+    progress = phase_progress(on_event, f"saving {cfg.format}", "tensor")
     if cfg.gguf_type is not None:
         return save_gguf(result, path, overwrite=overwrite, progress=progress)
     if cfg.format == FORMAT_FAKE:

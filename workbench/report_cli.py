@@ -38,5 +38,5 @@ def run_report(args) -> int:
     write_page(page, out)
     print(f"workbench report: {len(runs)} run{'s' if len(runs) != 1 else ''}"
           + (f" and {len(spectra)} set{'s' if len(spectra) != 1 else ''} of spectra" if spectra else "")
-          + f" -> {args.html} ({len(page.encode()) / 1e6:.1f} MB, opens offline)", file=sys.stderr)
+          + f" -> {args.html} ({len(page.encode()) / 2 ** 20:.1f} MiB, opens offline)", file=sys.stderr)
     return 0

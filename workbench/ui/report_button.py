@@ -32,7 +32,7 @@ def write_session_report(sess, outcomes: list, stem: str) -> tuple[str, str]:
     extra = f" and the spectra of {len(spectra)} model{'s' if len(spectra) > 1 else ''}" if spectra else \
         " (compute spectra in the Inspect tab to add them)"
     note = (f"wrote {path.name}: {len(outcomes)} run{'s' if len(outcomes) > 1 else ''}{extra}, {figures} figures, "
-            f"{path.stat().st_size / 1e6:.1f} MB; it opens offline")
+            f"{path.stat().st_size / 2 ** 20:.1f} MiB; it opens offline")
     return message_html(note, "ok"), str(path)
 
 
