@@ -198,6 +198,23 @@ explorer"""),
         code("""
 explorer.select(0, 0)
 explorer.head_figure"""),
+        md("""
+## Step 4: one page to share
+
+`build_page` puts the three runs and the spectra of this notebook on one HTML page: the
+settings, the perplexities, the per-layer curves, the attention heatmaps and the spectra, with
+plotly embedded once, so the file opens in any browser without a network (or a kernel).
+`workbench report RUN.json ... --html OUT.html` writes the same page from the command line.
+"""),
+        code("""
+from IPython.display import FileLink, IFrame, display
+from workbench.html_report import RunData, SpectraData, build_page, write_page
+
+page = build_page([RunData.from_outcome(o) for o in compare.outcomes.values()],
+                  [SpectraData.from_config(spectra.spectra, spectra.form.config("gptq"))])
+path = write_page(page, "gptq-boa-turboboa-report.html")
+display(FileLink(path.name))
+IFrame(path.name, width="100%", height=720)"""),
     ]
 
 

@@ -252,3 +252,72 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser, runs_dir):
     page.wait_for_selector("#wb-init", state="hidden")                               # BRECQ starts from RTN
     assert page.locator("#wb-iters").is_visible()
     page.close()
+
+
+def _open_offline(browser, path: Path, shot: str) -> tuple[int, int, int]:
+    """Open a downloaded page with the network off: (figure divs, figures plotly drew, heatmap panels drawn).
+    Fails on any fetch beyond the file itself."""
+    context = browser.new_context(offline=True, viewport={"width": 1300, "height": 900})
+    page = context.new_page()
+    fetched = []
+    page.on("request", lambda r: fetched.append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_selector(".plotly-graph-div .main-svg")
+    page.wait_for_function("[...document.querySelectorAll('.plotly-graph-div')].every(d => d.querySelector("
+                           "'.main-svg'))")
+    found = page.locator(".plotly-graph-div").count(), page.locator(".plotly-graph-div > div > .svg-container").count()
+    heatmaps = page.locator(".heatmaplayer .hm").count()
+    _shot(page, shot)
+    context.close()
+    assert all(u.startswith("file:") for u in fetched), fetched
+    return (*found, heatmaps)
+
+
+@pytest.mark.browser
+def test_html_report_buttons_download_a_page_that_opens_offline(app_url, browser, runs_dir):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    page.goto(app_url)
+    page.wait_for_selector("#wb-run")
+    page.locator("#wb-q-report").click()                                 # nothing run yet: said, not written
+    page.wait_for_selector("#wb-q-report-status .wb-error")
+    assert "press Run first" in page.locator("#wb-q-report-status").inner_text()
+
+    # Inspect first: the page then carries the spectra of the model
+    page.get_by_role("tab", name="Inspect").click()
+    page.locator("#wb-i-run").click()
+    page.wait_for_selector("#wb-i-status .wb-ok")
+    page.get_by_role("tab", name="Quantize").click()
+    page.locator("#wb-method").get_by_text("GPTQ", exact=True).click()
+    page.locator("#wb-run").click()
+    page.wait_for_selector("#wb-q-ppl :text('Perplexity')")
+    page.locator("#wb-q-report").click()
+    page.wait_for_selector("#wb-q-report-status .wb-ok")
+    note = page.locator("#wb-q-report-status").inner_text()
+    assert "1 run and the spectra of 1 model, 12 figures" in note and "opens offline" in note
+    with page.expect_download() as download:
+        page.locator("#wb-q-report-file a").first.click()
+    saved = runs_dir / "quantize-report.html"
+    download.value.save_as(saved)
+    text = saved.read_text()
+    assert "<h1>Quant Workbench report: GPTQ on " in text and "ppl quantized" in text
+    divs, drawn, heatmaps = _open_offline(browser, saved, "report-quantize.png")
+    assert divs == drawn == 12 and heatmaps == 3          # after and before o_proj, conditioning across layers
+
+    # Compare: one page of the four methods (GPTQ from this page's cache)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#wb-compare-run").click()
+    page.wait_for_selector("#wb-c-status .wb-ok")
+    page.locator("#wb-c-report").click()
+    page.wait_for_selector("#wb-c-report-status .wb-ok")
+    assert "4 runs" in page.locator("#wb-c-report-status").inner_text()
+    with page.expect_download() as download:
+        page.locator("#wb-c-report-file a").first.click()
+    saved = runs_dir / "compare-report.html"
+    download.value.save_as(saved)
+    text = saved.read_text()
+    assert all(f"<td>{m}</td>" in text for m in ("RTN", "GPTQ", "BoA", "TurboBoA"))
+    divs, drawn, heatmaps = _open_offline(browser, saved, "report-compare.png")
+    assert divs == drawn == 12 and heatmaps == 4 + 4 + 1     # a panel per method, twice; conditioning
+    _shot(page, "app-compare-report.png")
+    page.close()

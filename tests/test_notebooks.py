@@ -62,3 +62,9 @@ def test_notebook_runs(name, tiny_checkpoints, tmp_path, monkeypatch):
     figures = [o["data"][PLOTLY] for c in nb.cells for o in c.get("outputs", []) if PLOTLY in o.get("data", {})]
     figures = [json.loads(f) if isinstance(f, str) else f for f in figures]
     assert all(f.get("data") for f in figures)
+    if name in REPORTS:       # the notebook's HTML report, written beside it: three runs and the spectra
+        page = (tmp_path / REPORTS[name]).read_text()
+        assert page.count('class="plotly-graph-div"') == 12 and "<td>TurboBoA</td>" in page
+
+
+REPORTS = {"02_gptq_boa_turboboa.ipynb": "gptq-boa-turboboa-report.html"}

@@ -12,7 +12,7 @@ from .config import QuantizeConfig
 from .data import calibration_windows, evaluation_windows
 from .devices import resolve_device
 from .distributed import from_environment
-from .engine import BlockQuantizer, EngineResult
+from .engine import BlockQuantizer, EngineResult, Event
 from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import FORMAT_FAKE, FORMAT_PACKED, check_save_dir, save_fake_quant, save_quantized
@@ -21,6 +21,7 @@ from .memory import PeakMeter, check_fits, estimate
 from .methods import method_spec
 from .models.loading import LoadedModel, cache_root, load_model
 from .patterns import matches
+from .progress import phase_progress
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
 from .report import Report, check_writable
@@ -61,7 +62,9 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         raise WorkbenchError(f"{cfg.method} trains whole blocks on its own windows and is not data-parallel; run it "
                              f"in one process (without torchrun)")
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
-    loaded = loaded or load_model(cfg.model)
+    if loaded is None:
+        _say(on_event, f"loading {cfg.model}")
+        loaded = load_model(cfg.model, progress=conversion_progress(on_event, cfg.model))
     check_against_model(loaded, cfg)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
@@ -77,7 +80,9 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         key = (loaded.source, cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device))
         ppl_fp = _FP_PERPLEXITY.get(key) if fresh else None
         if ppl_fp is None:
-            ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks)
+            ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks,
+                                progress=phase_progress(on_event, f"{cfg.method}: full-precision perplexity",
+                                                        "window"))
             if fresh:
                 _FP_PERPLEXITY[key] = ppl_fp
     loaded.model.to("cpu")
@@ -90,8 +95,9 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     t0 = time.perf_counter()
     result: EngineResult = engine.run(ranks.share(calib))
     quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
-    ppl_q = None if evalw is None else perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel,
-                                                  ranks=ranks)
+    ppl_q = None if evalw is None else perplexity(
+        loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks,
+        progress=phase_progress(on_event, f"{cfg.method}: quantized perplexity", "window"))
     loaded.model.to("cpu")
 
     report = Report(model=cfg.model, method=cfg.method,
@@ -107,17 +113,28 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if report_path is not None:
         report.to_json(report_path)
     if save_dir is not None:
-        save(out, cfg, save_dir, overwrite)
+        save(out, cfg, save_dir, overwrite, on_event=on_event)
     return out
 
 
-def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False):
-    """Write the run in ``cfg.format``; returns the export's sizes."""
+def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False, on_event=None):
+    """Write the run in ``cfg.format``; returns the export's sizes. ``on_event`` gets progress events."""
+    progress = phase_progress(on_event, f"saving {cfg.format}", "tensor")
     if cfg.gguf_type is not None:
-        return save_gguf(result, path, overwrite=overwrite)
+        return save_gguf(result, path, overwrite=overwrite, progress=progress)
     if cfg.format == FORMAT_FAKE:
-        return save_fake_quant(result, path, overwrite=overwrite)
-    return save_quantized(result, path, overwrite=overwrite)
+        return save_fake_quant(result, path, overwrite=overwrite, progress=progress)
+    return save_quantized(result, path, overwrite=overwrite, progress=progress)
+
+
+def conversion_progress(on_event, model: str):
+    """Progress of an embedded model's conversion on first use (the only slow part of a load)."""
+    return phase_progress(on_event, f"converting the embedded {model} to float32 (first use only)", "step")
+
+
+def _say(on_event, message: str):
+    if on_event is not None:
+        on_event(Event("phase", message=message))
 
 
 def sources(model: str) -> tuple[Path, ...]:

@@ -15,33 +15,23 @@ def add_quantize_parser(sub):
     out.add_argument("--save", default=None, metavar="DIR", help="write the quantized model into this directory, "
                      "in --format (one .gguf file for gguf:TYPE)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_quantize)
     return p
 
 
 def run_quantize(args) -> int:
-    from tqdm.auto import tqdm
-
     from .api import quantize
     from .distributed import from_environment
+    from .progress import ProgressBars
     cfg = config_from_args(args)
     leader = from_environment().leader      # under torchrun only rank 0 speaks
-    bar = None
-
-    def on_event(ev):
-        nonlocal bar
-        if args.quiet or not leader:
-            return
-        if ev.kind == "start":
-            bar = tqdm(total=ev.total, desc=f"{cfg.method} w{cfg.bits}", unit="layer", file=sys.stderr)
-        elif ev.kind == "layer_finished" and bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{ev.layer_kind}@{ev.block} err={ev.rel_error:.2e}")
-        elif ev.kind == "done" and bar is not None:
-            bar.close()
-
-    result = quantize(cfg, on_event=on_event, report_path=args.report, save_dir=args.save, overwrite=args.overwrite)
+    # loading, both perplexities, the layers and the export each get a bar on stderr
+    bars = ProgressBars(f"{cfg.method} w{cfg.bits}", enabled=leader and not args.quiet)
+    try:
+        result = quantize(cfg, on_event=bars, report_path=args.report, save_dir=args.save, overwrite=args.overwrite)
+    finally:
+        bars.close()
     if not leader:
         return 0
     r = result.report
@@ -55,6 +45,7 @@ def run_quantize(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .diagnostics.cli import add_parser as add_inspect_parser
     from .genie.cli import add_parser as add_genie_parser
+    from .report_cli import add_parser as add_report_parser
     from .sweep_cli import add_parser as add_sweep_parser
     parser = argparse.ArgumentParser(prog="workbench", description="Quant Workbench: post-training quantization")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_genie_parser(sub)
     add_inspect_parser(sub)
     add_sweep_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

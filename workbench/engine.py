@@ -31,7 +31,8 @@ from .report import LayerRecord
 
 @dataclass
 class Event:
-    kind: str                   # "phase", "start", "layer_started", "layer_finished", "block_finished", "done"
+    kind: str                   # "phase", "start", "layer_started", "layer_finished", "block_finished", "done",
+                                # "progress" (a measured phase: ``workbench.progress``)
     index: int = 0              # layers (or blocks, for walks) finished so far
     total: int = 0              # layers (or blocks) in the run
     block: int | None = None
@@ -40,7 +41,8 @@ class Event:
     loss: float | None = None
     rel_error: float | None = None
     seconds: float | None = None
-    message: str | None = None  # "phase": what the run is doing now
+    message: str | None = None  # "phase": what the run is doing now; "progress": the phase
+    unit: str | None = None     # "progress": what ``index`` and ``total`` count (window, block, layer)
 
 
 @dataclass

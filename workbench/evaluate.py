@@ -15,10 +15,13 @@ def loss_sums(model, windows: torch.Tensor, device: torch.device | str = "cpu", 
               progress=None, cancel=None) -> tuple[float, int]:
     """Summed next-token loss over all windows (each window scored on its own) and the token count.
 
-    ``cancel`` (anything with ``is_set()``) stops it between batches with ``Cancelled``.
+    ``cancel`` (anything with ``is_set()``) stops it between batches with ``Cancelled``; ``progress(done,
+    total)`` is called with the windows scored, at 0 and after each batch.
     """
     model.to(device)
     total, count = 0.0, 0
+    if progress is not None:   # at 0 first: the first batch alone can take seconds
+        progress(0, windows.shape[0])
     for i in range(0, windows.shape[0], batch_size):
         if cancel is not None and cancel.is_set():
             raise Cancelled("run cancelled during evaluation")

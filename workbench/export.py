@@ -368,12 +368,13 @@ def load_dequantized(config_file: Path):
 
 
 def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
-                   settings: ExportSettings | None = None) -> ExportInfo:
+                   settings: ExportSettings | None = None, progress=None) -> ExportInfo:
     """Write ``result`` (from :func:`workbench.quantize`) as a compressed-tensors pack-quantized checkpoint.
 
     The quantized linears hold int32-packed codes, ``weight_scale`` and (asymmetric grids) packed
     ``weight_zero_point``; everything else is stored in ``settings.dtype``. Returns the sizes, also
     written to ``export.json``. vLLM's kernels for this format serve 4- and 8-bit weights.
+    ``progress(done, total)`` is told the model's tensors converted (packing is most of the time).
     """
     settings = settings or ExportSettings()
     path = check_save_dir(path, overwrite)
@@ -381,7 +382,7 @@ def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
     dtype = settings.torch_dtype
     state = unique_state(result.model)
     tensors, quantized_names = {}, []
-    for name, t in state.items():
+    for name, t in counted(state.items(), len(state), progress):
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module in result.packed:
             check_layer(module, result.packed[module], t, scheme)
@@ -406,7 +407,7 @@ def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
 
 
 def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
-                    settings: ExportSettings | None = None) -> ExportInfo:
+                    settings: ExportSettings | None = None, progress=None) -> ExportInfo:
     """Write the dequantized model as plain safetensors (float16 unless ``settings`` say otherwise).
 
     Every tool that reads transformers checkpoints loads it; it is as large as an unquantized model.
@@ -414,8 +415,9 @@ def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
     settings = settings or ExportSettings()
     path = check_save_dir(path, overwrite, packed=False)
     dtype = settings.torch_dtype
+    state = unique_state(result.model)
     tensors = {n: (t.detach().to(dtype) if t.is_floating_point() else t.detach())
-               for n, t in unique_state(result.model).items()}
+               for n, t in counted(state.items(), len(state), progress)}
     packed = getattr(result, "packed", None)
     scheme = grid_of(packed) if packed else None
     with staging_dir(path, overwrite, packed=False) as tmp:
@@ -423,6 +425,17 @@ def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
         info = measure(tmp, FORMAT_FAKE, settings.dtype, result, scheme)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info
+
+
+def counted(items, total: int, progress=None):
+    """``items``, telling ``progress(done, total)`` at 0 and after each one."""
+    if progress is None:
+        yield from items
+        return
+    progress(0, total)
+    for i, item in enumerate(items):
+        yield item
+        progress(i + 1, total)
 
 
 # -- sizes ---------------------------------------------------------------------------------------

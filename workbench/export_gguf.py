@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import WorkbenchError
-from .export import EXPORT_INFO, ExportInfo, QuantizedCheckpoint, check_save_dir, staging_dir, unique_state
+from .export import EXPORT_INFO, ExportInfo, QuantizedCheckpoint, check_save_dir, counted, staging_dir, unique_state
 from .gguf_blocks import pack
 from .models.loading import EMBEDDED, embedded_gguf
 from .quant.weight import QuantizedWeight
@@ -175,7 +175,8 @@ def same_as_source(tensor: torch.Tensor, source) -> bool:
 FLOAT_TYPES = {"norm": np.float32, "embedding": np.float16, "linear": np.float32}   # what is not packed
 
 
-def gguf_tensors(model, packed: dict, reader, float_types: dict | None = None) -> list[tuple[str, np.ndarray, object, bool]]:
+def gguf_tensors(model, packed: dict, reader, float_types: dict | None = None,
+                 progress=None) -> list[tuple[str, np.ndarray, object, bool]]:
     """``(name, data, raw type or None, quantized here)`` for every tensor of the file, in the model's order.
 
     A tensor that is not packed keeps the source file's bytes when it still holds their values
@@ -188,7 +189,8 @@ def gguf_tensors(model, packed: dict, reader, float_types: dict | None = None) -
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     sources = source_tensors(reader)
     out = []
-    for hf_name, tensor in unique_state(model).items():
+    state = unique_state(model)
+    for hf_name, tensor in counted(state.items(), len(state), progress):
         if "rotary_emb" in hf_name:
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -214,13 +216,14 @@ def gguf_tensors(model, packed: dict, reader, float_types: dict | None = None) -
 
 
 def write_gguf(file: Path, model, tokenizer, packed: dict, model_name: str, file_type: str,
-               keep_source: bool = True, float_types: dict | None = None) -> list:
-    """Write the file (no staging: see :func:`save_gguf`); returns what :func:`gguf_tensors` gave."""
+               keep_source: bool = True, float_types: dict | None = None, progress=None) -> list:
+    """Write the file (no staging: see :func:`save_gguf`); returns what :func:`gguf_tensors` gave.
+    ``progress(done, total)`` is told the tensors converted."""
     import gguf
     check_gguf_model(model)
     src = source_gguf(model_name)
     reader = gguf.GGUFReader(src) if src is not None else None
-    tensors = gguf_tensors(model, packed, reader if keep_source else None, float_types)
+    tensors = gguf_tensors(model, packed, reader if keep_source else None, float_types, progress)
     writer = gguf.GGUFWriter(file, arch="llama")
     if reader is not None:
         copy_metadata(writer, reader)
@@ -240,7 +243,7 @@ def write_gguf(file: Path, model, tokenizer, packed: dict, model_name: str, file
 
 # -- writing and reading -----------------------------------------------------------------------------
 
-def save_gguf(result, path: str | os.PathLike, overwrite: bool = False) -> ExportInfo:
+def save_gguf(result, path: str | os.PathLike, overwrite: bool = False, progress=None) -> ExportInfo:
     """Write ``result`` (from :func:`workbench.quantize` with ``format="gguf:TYPE"``) into ``path``:
     one ``.gguf`` file for llama.cpp and ``export.json`` with the sizes. Returns the sizes."""
     path = check_save_dir(path, overwrite, packed=False)
@@ -250,7 +253,7 @@ def save_gguf(result, path: str | os.PathLike, overwrite: bool = False) -> Expor
     file_name = gguf_name(model_name, lattice)
     with staging_dir(path, overwrite, packed=False) as tmp:
         tensors = write_gguf(tmp / file_name, result.model, result.tokenizer, result.packed, model_name,
-                             FILE_TYPES[lattice])
+                             FILE_TYPES[lattice], progress=progress)
         info = measure_gguf(tmp / file_name, tensors, result, lattice)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 import threading
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .api import QuantizeResult, check_against_model, quantize, save
+from .api import QuantizeResult, check_against_model, conversion_progress, quantize, save
 from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
@@ -33,6 +34,7 @@ from .engine import Event
 from .errors import Cancelled, WorkbenchError
 from .evaluate import perplexity
 from .models.loading import LoadedModel, load_model
+from .progress import phase_progress
 from .report import Report
 
 HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the perplexity, at most this many
@@ -134,21 +136,22 @@ class ModelCache:
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, spec: str, cancel=None) -> SharedModel:
+    def get(self, spec: str, cancel=None, progress=None) -> SharedModel:
         """The cached model; loaded on first use. With ``cancel`` the caller can stop waiting (for the load,
         or for another thread's load of the same model) with ``Cancelled``: the load itself goes on in the
-        background and serves the next run."""
+        background and serves the next run. ``progress(done, total)`` is handed to a loader that takes it
+        (``load_model``: an embedded model's conversion on first use)."""
         spec = spec.strip()
         with self._guard:
             if spec in self._models:
                 return self._models[spec]
         if cancel is None:
-            return self._load(spec)
+            return self._load(spec, progress)
         done: dict = {}
 
         def load():
             try:
-                done["model"] = self._load(spec)
+                done["model"] = self._load(spec, progress)
             except BaseException as exc:   # handed to the caller below
                 done["error"] = exc
         t = threading.Thread(target=load, name=f"workbench-load-{spec}", daemon=True)
@@ -160,14 +163,15 @@ class ModelCache:
             raise done["error"]
         return done["model"]
 
-    def _load(self, spec: str) -> SharedModel:
+    def _load(self, spec: str, progress=None) -> SharedModel:
         with self._guard:
             lock = self._loading.setdefault(spec, threading.Lock())
         with lock:
             with self._guard:
                 if spec in self._models:
                     return self._models[spec]
-            shared = SharedModel(self._loader(spec))
+            takes = progress is not None and "progress" in inspect.signature(self._loader).parameters
+            shared = SharedModel(self._loader(spec, progress=progress) if takes else self._loader(spec))
             with self._guard:
                 while len(self._models) >= self._capacity:   # oldest out: models are large
                     self._models.pop(next(iter(self._models)))
@@ -262,7 +266,7 @@ def _precheck(cfg: QuantizeConfig, shared: SharedModel | None):
 def _quantize_copy(cfg, models, on_event, cancel, shared) -> QuantizeResult:
     if shared is None:
         _say(on_event, f"{cfg.method}: loading {cfg.model}")
-        shared = models.get(cfg.model, cancel)
+        shared = models.get(cfg.model, cancel, conversion_progress(on_event, cfg.model))
     check_against_model(shared.loaded, cfg, copies=1)
     _check(cancel)
     _say(on_event, f"{cfg.method}: copying the model")
@@ -275,7 +279,10 @@ def _quantize_copy(cfg, models, on_event, cancel, shared) -> QuantizeResult:
         _say(on_event, f"{cfg.method}: full-precision perplexity")
         # the copy still holds the full-precision weights; every run of this model and text shares the number
         ppl_fp = shared.fp_perplexity((cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device)),
-                                      lambda: perplexity(work.model, windows, device, cfg.batch_size, cancel=cancel))
+                                      lambda: perplexity(work.model, windows, device, cfg.batch_size, cancel=cancel,
+                                                         progress=phase_progress(
+                                                             on_event, f"{cfg.method}: full-precision perplexity",
+                                                             "window")))
         work.model.to("cpu")
     _say(on_event, f"{cfg.method}: calibrating")
     result = quantize(dataclasses.replace(cfg, eval_windows=-1), loaded=work, on_event=on_event, cancel=cancel)
@@ -284,7 +291,8 @@ def _quantize_copy(cfg, models, on_event, cancel, shared) -> QuantizeResult:
     if evaluate:
         _say(on_event, f"{cfg.method}: quantized perplexity")
         report.ppl_fp = ppl_fp
-        report.ppl_quant = perplexity(result.model, windows, device, cfg.batch_size, cancel=cancel)
+        report.ppl_quant = perplexity(result.model, windows, device, cfg.batch_size, cancel=cancel,
+                                      progress=phase_progress(on_event, f"{cfg.method}: quantized perplexity", "window"))
         result.model.to("cpu")
     return result
 
@@ -301,7 +309,7 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
 
 def _run(cfg, models, on_event, cancel, heldout) -> Outcome:
     _say(on_event, f"{cfg.method}: loading {cfg.model}")     # said before the load, which may take a while
-    shared = models.get(cfg.model, cancel)
+    shared = models.get(cfg.model, cancel, conversion_progress(on_event, cfg.model))
     result = quantize_copy(cfg, models=models, on_event=on_event, cancel=cancel, shared=shared)
     _say(on_event, f"{cfg.method}: measuring errors on held-out windows")
     ids = evaluation_windows(shared.tokenizer, cfg.eval_text, cfg.seqlen, heldout or default_heldout(cfg))
@@ -309,13 +317,15 @@ def _run(cfg, models, on_event, cancel, heldout) -> Outcome:
     with holding(shared.lock, cancel):
         recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
                                       batch_size=cfg.batch_size, device=resolve_device(cfg.device),
-                                      max_blocks=cfg.max_blocks, cancel=cancel)
+                                      max_blocks=cfg.max_blocks, cancel=cancel,
+                                      progress=phase_progress(on_event, f"{cfg.method}: held-out errors", "block"))
     return Outcome(cfg, result.report, recon, packed=result.packed)
 
 
-def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelCache = MODELS):
+def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelCache = MODELS, on_event=None):
     """Write a finished run as ``workbench quantize --save`` does, in the run's format: the cached
-    model with the run's codes in place of its quantized layers. Returns the export's sizes."""
+    model with the run's codes in place of its quantized layers. Returns the export's sizes;
+    ``on_event`` gets the export's progress events."""
     if outcome.packed is None:
         raise WorkbenchError("this run's quantized weights are no longer kept; run it again to save it")
     work = models.get(outcome.config.model).working_copy()
@@ -323,7 +333,7 @@ def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelC
         layer = work.model.get_submodule(name)
         layer.weight.data = q.dequantize().to(layer.weight.dtype)
     return save(QuantizeResult(work.model, work.tokenizer, outcome.report, outcome.packed), outcome.config, path,
-                overwrite)
+                overwrite, on_event=on_event)
 
 
 def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, cancel=None,
@@ -336,7 +346,7 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
 
 def _spectra(cfg, models, on_event, cancel, heads) -> Spectra:
     _say(on_event, f"loading {cfg.model}")
-    shared = models.get(cfg.model, cancel)
+    shared = models.get(cfg.model, cancel, conversion_progress(on_event, cfg.model))
     check_against_model(shared.loaded, cfg)
     _check(cancel)
     _say(on_event, "tokenizing the calibration text")

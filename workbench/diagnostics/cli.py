@@ -19,6 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     own.add_argument("--heldout-windows", type=int, default=4, help="held-out windows for reconstruction errors")
     own.add_argument("--no-heads", dest="heads", action="store_false", help="skip the per-head attention spectra")
     own.add_argument("--no-spectra", dest="spectra", action="store_false", help="skip the spectra")
+    own.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
     return p
 
@@ -33,11 +34,16 @@ def diagnose_config(args):
 
 
 def run(args) -> int:
+    from ..progress import ProgressBars
     from .run import diagnose
     cfg = diagnose_config(args)
     if not cfg.spectra and not cfg.method:
         raise WorkbenchError("nothing to do: --no-spectra needs --method")
-    out = diagnose(cfg, report_path=args.report, csv_dir=args.csv)
+    bars = ProgressBars(f"{cfg.quantize.method} w{cfg.quantize.bits}", enabled=not args.quiet)
+    try:
+        out = diagnose(cfg, report_path=args.report, csv_dir=args.csv, on_event=bars)
+    finally:
+        bars.close()
     parts = [f"{name} {len(frame)} rows" for name, frame in out.frames().items()]
     print(f"workbench inspect: {', '.join(parts)} -> {args.report}"
           + (f" and {args.csv}/*.csv" if args.csv else ""), file=sys.stderr)

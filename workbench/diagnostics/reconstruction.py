@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import WorkbenchError
 from ..models import Family
 from ..models.base import attend
-from .walk import walk_stages
+from .walk import block_count, walk_stages
 
 LAYER_COLUMNS = ["name", "block", "kind", "rel_error", "rel_error_propagated"]
 ATTENTION = ["before_o", "after_o", "before_o_propagated", "after_o_propagated"]
@@ -81,18 +81,24 @@ def _check_same_shape(fp: nn.Module, quant: nn.Module, family: Family):
 @torch.no_grad()
 def reconstruction_errors(fp_model: nn.Module, quant_model: nn.Module, family: Family, ids: torch.Tensor, *,
                           batch_size: int = 4, device: torch.device | str = "cpu",
-                          max_blocks: int | None = None, cancel=None) -> Reconstruction:
+                          max_blocks: int | None = None, cancel=None, progress=None) -> Reconstruction:
     """Errors of ``quant_model`` against ``fp_model`` on held-out windows ``ids [n, L]``;
-    ``cancel`` (``is_set()``) stops it between blocks with ``Cancelled``."""
+    ``cancel`` (``is_set()``) stops it between blocks with ``Cancelled``; ``progress(done, total)`` is
+    told the blocks measured, at 0 and after each."""
     _check_same_shape(fp_model, quant_model, family)
     geometry = family.geometry(fp_model.config)
     r = _Ratio()
     layer_keys, block_ids = [], []
+    total = block_count(fp_model, family, max_blocks)
+    if progress is not None:
+        progress(0, total)
 
     def on_block(b, hidden):
         block_ids.append(b)
         for out_fp, out_q in zip(*hidden):
             r.add(("output_propagated", b), out_q, out_fp)
+        if progress is not None:
+            progress(len(block_ids), total)
 
     for view in walk_stages([fp_model, quant_model], family, ids, batch_size=batch_size, device=device,
                             max_blocks=max_blocks, on_block=on_block, cancel=cancel):

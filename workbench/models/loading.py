@@ -54,16 +54,24 @@ def embedded_gguf(name: str) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
 
 
-def embedded_checkpoint(name: str) -> Path:
-    """Float32 checkpoint of an embedded model, converted from its GGUF on first use."""
+CONVERSION_STEPS = 3     # the weights (most of the half minute), the tokenizer, the files
+
+
+def embedded_checkpoint(name: str, progress=None) -> Path:
+    """Float32 checkpoint of an embedded model, converted from its GGUF on first use (about half a
+    minute on two cores; ``progress(done, total)`` is told the steps, the weights being most of it)."""
     spec = EMBEDDED[name]
     target = cache_root() / f"{name}-float32"
     if (target / "config.json").exists():
         return target
     src = embedded_gguf(name).parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    step = progress or (lambda done, total: None)
+    step(0, CONVERSION_STEPS)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file, dtype=torch.float32)
+    step(1, CONVERSION_STEPS)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
+    step(2, CONVERSION_STEPS)
     # the weights are plain float32 now: drop the GGUF marker so the checkpoint saves and loads normally
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -79,12 +87,13 @@ def embedded_checkpoint(name: str) -> Path:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    step(3, CONVERSION_STEPS)
     return target
 
 
-def resolve(spec: str) -> str:
+def resolve(spec: str, progress=None) -> str:
     if spec in EMBEDDED:
-        return str(embedded_checkpoint(spec))
+        return str(embedded_checkpoint(spec, progress))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -111,12 +120,14 @@ def quiet_transformers():
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto",
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, progress=None) -> LoadedModel:
     """The model in the dtype its checkpoint stores (``"auto"``): a float16 or bfloat16 model upcast to
-    float32 would take twice the memory, and the solvers work in float32 one layer at a time anyway."""
+    float32 would take twice the memory, and the solvers work in float32 one layer at a time anyway.
+    ``progress(done, total)`` follows the one slow part, an embedded model's conversion on first use
+    (a checkpoint loads in a second or two)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     quiet_transformers()
-    source = resolve(spec)
+    source = resolve(spec, progress)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -10,8 +10,10 @@ import pandas as pd
 from .. import workspace
 from ..errors import Cancelled, WorkbenchError
 from ..figures import attention_heatmaps, empty_figure, layer_error_figure
+from ..progress import progress_label
 from . import text
 from .form import Form
+from .report_button import build_report_button
 from .views import TabView, connect_cancel, error_text, message_html, progress_html, summary_display, write_run_files
 
 COMPARE_METHODS = ("rtn", "gptq", "boa", "turboboa")
@@ -61,7 +63,13 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
     connect_cancel(cancel, session, view.status)
     reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
                    view.heatmaps, show_progress="hidden")
+    build_report_button(session, "c", lambda sess: list(sess.last_compare), report_stem)
     return view
+
+
+def report_stem(outcomes: list) -> str:
+    first = outcomes[0].config
+    return f"compare-w{first.bits}g{first.group_size}-report"
 
 
 def heatmaps_figure(outcomes: list, value: str = "after_o"):
@@ -185,7 +193,10 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
             update[view.table] = summary_rows(outcomes, status)
         elif msg.kind == "event":
             m, ev = msg.payload
-            per_run = ev.total or per_run
+            if ev.kind == "progress":     # perplexity windows, held-out blocks: counted in the label
+                label = progress_label(ev)
+            else:
+                per_run = ev.total or per_run
             if ev.kind == "phase":
                 label = ev.message
             elif ev.kind == "layer_finished":

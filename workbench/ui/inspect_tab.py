@@ -10,6 +10,7 @@ import pandas as pd
 from .. import workspace
 from ..errors import WorkbenchError
 from ..figures import condition_heatmap, empty_figure, error_vs_spectrum, head_spectra_figure, spectrum_figure
+from ..progress import progress_label
 from . import text
 from .form import Form
 from .views import TabView, error_text, message_html, progress_html
@@ -153,6 +154,8 @@ def stream_spectra(sess, models: workspace.ModelCache, form: Form, view: Inspect
             pass
         elif msg.kind == "event" and msg.payload.kind == "phase":
             label = msg.payload.message
+        elif msg.kind == "event" and msg.payload.kind == "progress":    # the embedded model's first conversion
+            done, total, label = msg.payload.index, msg.payload.total, progress_label(msg.payload)
         elif msg.kind == "event":
             done, total = msg.payload.index, msg.payload.total
             label = f"block {done} of {total}"

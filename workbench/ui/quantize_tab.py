@@ -15,8 +15,10 @@ from ..errors import WorkbenchError
 from ..figures import empty_figure, progress_figure
 from ..figures.style import method_label
 from ..methods import METHODS
+from ..progress import progress_label
 from . import text
 from .form import Form, method_rows
+from .report_button import build_report_button
 from .views import (TabView, connect_cancel, empty_layers, error_text, file_stem, layer_display, message_html,
                     perplexity_markdown, progress_html, write_run_files)
 
@@ -58,6 +60,8 @@ def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCac
     run.click(on_run, [session, method, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
     connect_cancel(cancel, session, view.status)
+    build_report_button(session, "q", lambda sess: [sess.last_quantize],
+                        lambda outcomes: file_stem(outcomes[0].config) + "-report")
     build_save_panel(session, models, runs_dir)
     return view
 
@@ -76,16 +80,24 @@ def build_save_panel(session: gr.State, models: workspace.ModelCache, runs_dir: 
         status = gr.HTML(elem_id="wb-save-status")
         download = gr.File(label="Download (zip)", elem_id="wb-save-zip", interactive=False)
 
-    def on_save(sess, name, replace):
+    def on_save(sess, name, replace, progress=gr.Progress()):
         try:
-            return save_last_run(sess, models, runs_dir, name, replace)
+            return save_last_run(sess, models, runs_dir, name, replace, on_event=gradio_progress(progress))
         except WorkbenchError as exc:
             return message_html(str(exc), "error"), None
 
-    save.click(on_save, [session, folder, overwrite], [status, download], show_progress="minimal")
+    save.click(on_save, [session, folder, overwrite], [status, download], show_progress="full")
 
 
-def save_last_run(sess, models: workspace.ModelCache, runs_dir: Path, name: str, replace: bool):
+def gradio_progress(progress: gr.Progress):
+    """Progress events on Gradio's progress bar of the handler's outputs."""
+    def on_event(ev):
+        if ev.kind == "progress":
+            progress((ev.index, ev.total), desc=ev.message, unit=ev.unit or "steps")
+    return on_event
+
+
+def save_last_run(sess, models: workspace.ModelCache, runs_dir: Path, name: str, replace: bool, on_event=None):
     outcome = sess.last_quantize
     if outcome is None:
         raise WorkbenchError("nothing to save yet: press Run first")
@@ -97,7 +109,7 @@ def save_last_run(sess, models: workspace.ModelCache, runs_dir: Path, name: str,
         raise WorkbenchError(f"{runs_dir.name}/{name} exists already; tick 'Replace an existing folder' or choose "
                              f"another Folder name")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    info = workspace.save_outcome(outcome, runs_dir / name, overwrite=bool(replace), models=models)
+    info = workspace.save_outcome(outcome, runs_dir / name, overwrite=bool(replace), models=models, on_event=on_event)
     archive = shutil.make_archive(str(sess.files_dir() / name), "zip", root_dir=runs_dir, base_dir=name)
     note = (f"saved {outcome.config.format} to {runs_dir.name}/{name}: quantized layers {info.quantized_bytes / 1e6:.1f} MB "
             f"against {info.float16_bytes / 1e6:.1f} MB in float16 ({info.ratio:.2f}x smaller), "
@@ -137,6 +149,7 @@ def stream_quantize(sess, models: workspace.ModelCache, form: Form, view: Quanti
         yield {view.status: message_html(str(exc), "warn")}
         return
     rows, done, total, label, last_plot, plotted = [], 0, 0, "starting", 0.0, 0
+    phase = None    # (done, total) of a measured phase (perplexity windows, held-out blocks): shown on the bar
     yield {view.status: message_html(f"running {method_label(method)}...", "info"),
            view.progress: progress_html(0, 1, label, 0),
            view.plot: empty_figure(TITLE, "waiting for the first layer"), view.ppl: "", view.table: empty_layers(),
@@ -144,14 +157,17 @@ def stream_quantize(sess, models: workspace.ModelCache, form: Form, view: Quanti
     for msg in job.messages():
         elapsed = time.perf_counter() - job.started
         if msg is None:
-            update = {view.progress: progress_html(done, total, label, elapsed)}
+            update = {view.progress: progress_html(*(phase or (done, total)), label, elapsed)}
             if len(rows) > plotted:   # a quiet moment: catch the plot up with throttled layers
                 update[view.plot], plotted = progress_figure(pd.DataFrame(rows), total), len(rows)
             yield update
             continue
         if msg.kind == "event":
             ev = msg.payload
-            total = ev.total or total
+            if ev.kind == "progress":
+                phase, label = (ev.index, ev.total), progress_label(ev)
+            else:
+                total, phase = ev.total or total, None
             if ev.kind == "phase":
                 label = ev.message
             elif ev.kind == "layer_started":
@@ -175,7 +191,7 @@ def stream_quantize(sess, models: workspace.ModelCache, form: Form, view: Quanti
             yield {view.status: message_html(error_text(msg.payload), "error"),
                    view.progress: progress_html(done, total, "failed", elapsed, state="error")}
             return
-        update = {view.progress: progress_html(done, total, label, elapsed)}
+        update = {view.progress: progress_html(*(phase or (done, total)), label, elapsed)}
         if len(rows) > plotted and time.perf_counter() - last_plot > PLOT_EVERY:
             update[view.plot], plotted = progress_figure(pd.DataFrame(rows), total), len(rows)
             last_plot = time.perf_counter()

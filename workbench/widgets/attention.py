@@ -83,6 +83,8 @@ class AttentionExplorer(RunWidget):
         def on_event(ev):
             if ev.kind == "phase":
                 self.runner.say(ev.message)
+            elif ev.kind == "progress":
+                self.runner.show_phase(ev)
             elif ev.kind == "layer_finished":
                 self.runner.set_progress(ev.index, ev.total)
                 self.runner.say(f"{cfg.method}: {ev.index}/{ev.total} layers")

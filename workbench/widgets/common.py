@@ -16,6 +16,7 @@ from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
 from ..errors import WorkbenchError
 from ..jobs import Job, Message
 from ..models.loading import DEFAULT_MODEL, LoadedModel
+from ..progress import progress_label
 from ..settings import METHOD_DEFAULT, Setting
 
 FAST_ENV = "WORKBENCH_FAST"
@@ -266,6 +267,13 @@ class Runner:
         total = max(int(total), 1)
         self.progress.max = total
         self.progress.value = min(int(done), total)
+
+    def show_phase(self, ev, bar: bool = True):
+        """A measured phase's ``"progress"`` event (perplexity windows, held-out blocks, a conversion):
+        its counts in the status line and, with ``bar``, on the progress bar."""
+        if bar:
+            self.set_progress(ev.index, ev.total)
+        self.say(progress_label(ev))
 
     def check_idle(self):
         if self.running:

@@ -90,6 +90,8 @@ class CompareWidget(RunWidget):
             def handle(ev):
                 if ev.kind == "phase":
                     self.runner.say(ev.message)
+                if ev.kind == "progress":   # the bar counts every method's layers; the phase's counts are said
+                    self.runner.show_phase(ev, bar=False)
                 if ev.kind != "layer_finished":
                     return
                 state["per_run"] = ev.total

@@ -68,6 +68,9 @@ class QuantizeWidget(RunWidget):
             if ev.kind == "phase":
                 self.runner.say(ev.message)
                 return
+            if ev.kind == "progress":
+                self.runner.show_phase(ev)
+                return
             self.events.append(ev)
             self.total = ev.total or self.total
             if ev.kind == "layer_finished":
@@ -91,6 +94,7 @@ class QuantizeWidget(RunWidget):
     def _finished(self, result: QuantizeResult):
         self.result = result
         frame = result.report.to_frame()
+        self.runner.set_progress(len(frame), len(frame))     # the bar ends on the layers, not the last phase
         frame.insert(0, "method", result.report.method)
         self.curve.show(layer_error_figure(frame, title=CURVE_TITLE, total_layers=len(frame)))
         self.kinds.show(kind_error_figure(frame))

@@ -61,6 +61,8 @@ class SpectrumExplorer(RunWidget):
         def on_event(ev):
             if ev.kind == "phase":
                 self.runner.say(ev.message)
+            elif ev.kind == "progress":     # the embedded model's conversion on first use
+                self.runner.show_phase(ev)
             else:
                 self.runner.set_progress(ev.index, ev.total)
                 self.runner.say(f"block {ev.index}/{ev.total}")
