@@ -193,7 +193,8 @@ def test_genie_gallery():
     loaded, _ = digits(w.config())
     classes, confidence = predictions(loaded.model, images[:8])
     assert [c.split(" · ")[0] for c in w.captions] == [str(int(c)) for c in classes]
-    assert [html.unescape(c) for c in re.findall(r"<figcaption[^>]*>([^<]*)</figcaption>", w.gallery.value)] == w.captions
+    shown = re.findall(r"<figcaption[^>]*>([^<]*)</figcaption>", w.gallery.value)
+    assert [html.unescape(c) for c in shown] == w.captions
     assert w.loss_figure.data[0].type == "scatter" and list(w.loss_figure.data[0].x) == [1, 2, 3]
     row = w.quantize()                 # the same settings: quantized on the images above
     assert row["images"] == 16 and row["quantizer"] == "Genie-M" and 0 <= row["quantized"] <= 100

@@ -26,7 +26,7 @@ from ..jsonsafe import dumps
 from ..report import write_atomic
 from ..workspace import SLOTS
 from .exposure import EXPOSURE
-from .views import TabView, connect_cancel, error_text, message_html, progress_html
+from .views import TabView, error_text, message_html, progress_html
 
 EXPLAIN = """**Quantization without data.** A CNN trained with BatchNorm remembers, in every BN layer, the mean
 and variance its inputs had on the training data. **Genie-D** trains a small generator and its latent
@@ -50,6 +50,7 @@ START = dict(samples=128, weight_bits=4, act_bits=4, source="genie", distill_ste
              iters=250, seed=0)
 LOSS_TITLE = "BN-statistics loss while distilling"
 BLOCKS_TITLE = "Genie-M, block by block"
+CANCELLED = "cancelled; finished results are kept"
 TABLE_COLUMNS = ["model", "calibration", "top-1 accuracy %", "change vs full precision", "seconds"]
 
 
@@ -93,9 +94,12 @@ def genie_config(kind: str, path: str, architecture: str, samples, weight_bits, 
     if source not in SOURCES:
         raise WorkbenchError(f"Data source must be one of {', '.join(SOURCE_LABELS[s] for s in SOURCES)}, "
                              f"got {source!r}")
+    act_bits = _whole(act_bits, "Activation bits", 0, 8)
+    if act_bits == 1:
+        raise WorkbenchError("Activation bits must be float (0) or a whole number from 2 to 8, got 1")
     base = GenieRunConfig(
         model=model, architecture=architecture, samples=_whole(samples, "Samples", 1, 4096),
-        weight_bits=_whole(weight_bits, "Weight bits", 2, 8), act_bits=_whole(act_bits, "Activation bits", 0, 8),
+        weight_bits=_whole(weight_bits, "Weight bits", 2, 8), act_bits=act_bits,
         distill_steps=_whole(distill_steps, "Distillation steps", 0, 10000),
         distill_batch=_whole(distill_batch, "Distillation batch size", 1, 4096),
         iters=_whole(iters, "Genie-M steps per block", 1, 100000), seed=_whole(seed, "Seed", 0, 2 ** 32 - 1),
@@ -256,8 +260,20 @@ def build_genie_tab(session: gr.State, start: dict | None = None) -> GenieView:
 
     run.click(on_run, [session, *form.inputs()], view.outputs(), show_progress="hidden", concurrency_limit=None)
     every.click(on_every, [session, *form.inputs()], view.outputs(), show_progress="hidden", concurrency_limit=None)
-    connect_cancel(cancel, session, view.status)
+    connect_cancel_and_wait(cancel, session, view.status)
     return view
+
+
+def connect_cancel_and_wait(button, session, status, wait: float = 5.0):
+    """A Cancel button that answers once the run has stopped (within a step, normally): answered at
+    once, its "cancelling..." could reach the page after the run's own last word and stay there."""
+    def on_cancel(sess):
+        job = sess.job
+        if not sess.cancel():
+            return message_html("nothing is running", "info")
+        job.join(wait)
+        return message_html(CANCELLED if not job.running else "cancelling...", "warn")
+    button.click(on_cancel, session, status, show_progress="hidden", concurrency_limit=None)
 
 
 def genie_work(cfg: GenieRunConfig, sources: tuple):
@@ -381,12 +397,12 @@ def stream_genie(sess, view: GenieView, values, every: bool):
             return
         elif msg.kind in ("cancelled", "error"):
             kind = "warn" if msg.kind == "cancelled" else "error"
-            note = "cancelled" if msg.kind == "cancelled" else error_text(msg.payload)
+            note = CANCELLED if msg.kind == "cancelled" else f"{error_text(msg.payload)}; finished results are kept"
             for s in sources:
                 if states.get(s) == "running":
                     states[s] = msg.kind
             n, total = overall()
-            end = {view.status: message_html(f"{note}; finished results are kept", kind),
+            end = {view.status: message_html(note, kind),
                    view.progress: progress_html(n, total, msg.kind, elapsed, state="cancelled" if kind == "warn"
                                                 else "error"),
                    view.table: accuracy_table(cfg, baseline, reports.get(cfg.source), msg.kind), **redraw(force=True)}
