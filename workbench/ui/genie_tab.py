@@ -236,7 +236,7 @@ def build_genie_tab(session: gr.State, start: dict | None = None) -> GenieView:
         blocks=gr.Plot(empty_figure(BLOCKS_TITLE, "filled in block by block", height=320), label="Genie-M",
                        elem_id="wb-g-blocks", render=False),
         gallery=gr.Gallery(label=f"Calibration images (the first {SHOWN}) with the full-precision model's "
-                                 "prediction", columns=8, height="auto", object_fit="contain", format="png",
+                                 "prediction", columns=8, height="fit-content", object_fit="contain", format="png",
                            allow_preview=True, elem_id="wb-g-gallery", interactive=False, render=False),
         table=gr.Dataframe(label="Top-1 accuracy on the digits test split", elem_id="wb-g-table", interactive=False,
                            render=False),
