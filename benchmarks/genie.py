@@ -20,12 +20,10 @@ import torch
 from workbench.genie.data import DigitsConfig, load_digits_split
 from workbench.genie.evaluate import accuracy
 from workbench.genie.model import load_default_model
-from workbench.genie.pipeline import GenieRunConfig, calibration_images
+from workbench.genie.pipeline import SOURCE_LABELS, SOURCES, GenieRunConfig, calibration_images
 from workbench.genie.quantize import GenieMConfig, quantize_model
 
-SOURCES = ("noise", "pixels", "genie", "genie-swing", "real")
-LABELS = {"rtn": "RTN", "noise": "noise", "pixels": "pixels", "genie": "Genie-D", "genie-swing": "Genie-D+swing",
-          "real": "real"}
+LABELS = {"rtn": "RTN", **SOURCE_LABELS}
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -66,8 +64,7 @@ def main(argv=None) -> int:
     for seed in a.seeds:
         calib = {}
         for src in sources:
-            cfg = GenieRunConfig(data=src.split("-")[0], samples=a.samples, distill_steps=a.distill_steps,
-                                 swing=src == "genie-swing", seed=seed)
+            cfg = GenieRunConfig(samples=a.samples, distill_steps=a.distill_steps, seed=seed).with_source(src)
             t0 = time.perf_counter()
             calib[src] = calibration_images(model, cfg, split, device)
             dsec[src].append(time.perf_counter() - t0)

@@ -332,13 +332,19 @@ print("fast mode" if fast_mode() else "normal mode", G)"""),
         md("""
 ## Synthesize and look
 
-Each image is stretched to its own range. Distilled images do not look like digits; they only
-have to reproduce the statistics the network's BN layers expect.
+The gallery is the one the app's Genie tab shows: the first 32 images, redrawn as distillation
+proceeds, each captioned with the class the full-precision CNN predicts for it and its
+probability; beside it the BN-statistics loss (log scale) and, once quantizing, Genie-M's
+error block by block. Each image is stretched to its own range. Distilled images do not look
+like digits; they only have to reproduce the statistics the network's BN layers expect, and the
+captions show the network is sure what they are all the same.
 """),
         code("""
 gallery = GenieGallery(show=32, **G)
-gallery.synthesize()
 gallery"""),
+        code("""
+images = gallery.synthesize()      # the gallery above fills in while this runs
+print(len(images), "images; the first captions:", gallery.captions[:8])"""),
         md("""
 ## Quantize on them
 
@@ -352,10 +358,11 @@ gallery.figure"""),
         md("""
 ## Which data matters?
 
-The same W2A4 quantization calibrated on each source; Genie-M against round-to-nearest.
+The same W2A4 quantization calibrated on each source; Genie-M against round-to-nearest. (The
+app's Genie tab does this for every source with one button, "Run every data source".)
 """),
         code("""
-for data in ("noise", "real"):
+for data in ("noise", "pixels", "real"):
     gallery.quantize(data=data, weight_bits=2, act_bits=4)
 gallery.quantize(data="genie", method="rtn", weight_bits=2, act_bits=4)
 pd.DataFrame(gallery.rows)"""),

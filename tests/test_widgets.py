@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import plotly.graph_objects as go
 import pytest
@@ -172,14 +173,49 @@ def test_attention_explorer_runs_its_own_method(llama):
     assert len(w.heads) == 2 * 4 and w.selected is not None
 
 
-def test_genie_gallery(monkeypatch):
-    w = GenieGallery(show=8, samples=16, distill_steps=3, distill_batch=16, iters=5, weight_bits=4)
+def test_genie_gallery():
+    import html
+    import re
+
+    import torch
+
+    from workbench.genie.evaluate import predictions
+    from workbench.widgets.genie import digits, gallery_html
+    w = GenieGallery(show=8, samples=16, distill_steps=3, distill_batch=16, iters=5, weight_bits=4, refresh=0)
+    drawn = []
+    w.gallery.observe(lambda change: drawn.append(change["new"]), names="value")
     images = w.synthesize()
     assert images.shape == (16, 1, 16, 16)
-    assert w.gallery_figure.data[0].type == "image"
-    row = w.quantize()
+    # the gallery was drawn while distilling, and at the end shows the first 8 images with the
+    # full-precision model's class and probability under each
+    assert len(drawn) >= 3 and len(set(drawn)) == len(drawn)      # snapshots at steps 0, 1, 2, then the end
+    assert w.gallery.value.count("<img ") == 8 and len(w.captions) == 8
+    loaded, _ = digits(w.config())
+    classes, confidence = predictions(loaded.model, images[:8])
+    assert [c.split(" · ")[0] for c in w.captions] == [str(int(c)) for c in classes]
+    shown = re.findall(r"<figcaption[^>]*>([^<]*)</figcaption>", w.gallery.value)
+    assert [html.unescape(c) for c in shown] == w.captions
+    assert w.loss_figure.data[0].type == "scatter" and list(w.loss_figure.data[0].x) == [1, 2, 3]
+    row = w.quantize()                 # the same settings: quantized on the images above
     assert row["images"] == 16 and row["quantizer"] == "Genie-M" and 0 <= row["quantized"] <= 100
+    assert len(w.last_units) == 5 and list(w.blocks_figure.data[1].x) == [u.name for u in w.last_units]
     w.quantize(method="rtn", data="noise")
     assert [r["data"] for r in w.rows] == ["genie", "noise"]
     table = w.figure.data[0]
     assert table.type == "table" and len(table.cells.values[0]) == 2
+    assert "no images yet" in gallery_html(None, [])
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        gallery_html(torch.zeros(2, 1, 4, 4), ["a"])
+
+
+def test_genie_gallery_cancel_and_bad_settings():
+    with pytest.raises(WorkbenchError, match="no setting colour"):
+        GenieGallery(colour=3)
+    w = GenieGallery(show=4, samples=16, distill_steps=2000, distill_batch=16, iters=5)
+    w.synthesize(wait=False)
+    deadline = time.time() + 60
+    while not w.trace.steps and time.time() < deadline:
+        time.sleep(0.05)
+    assert w.cancel()
+    assert w.wait(30) == "cancelled" and w.images is None
+    assert len(w.trace.steps) < 2000

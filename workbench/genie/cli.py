@@ -7,6 +7,7 @@ import sys
 from ..errors import WorkbenchError
 from ..jsonsafe import dumps
 from .files import atomic_path, check_writable
+from .model import ARCHITECTURES
 from .pipeline import DATA_SOURCES, GenieRunConfig, run_genie
 from .png import image_grid, write_png
 
@@ -28,7 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=d.iters, help="Genie-M optimization steps per block")
     p.add_argument("--ends-bits", type=int, default=d.ends_bits,
                    help="bits of the first conv and last linear; 0 = same as the rest")
-    p.add_argument("--model", default=d.model, help="weights (.safetensors) of a digits CNN, JSON beside it")
+    p.add_argument("--model", default=d.model,
+                   help="weights (.safetensors) of a CNN with BatchNorm (the JSON beside it, when there is one, "
+                        "gives its settings and test accuracy)")
+    p.add_argument("--architecture", default=d.architecture, choices=list(ARCHITECTURES),
+                   help="what the --model weights are loaded as")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--report", default=None, help="write the JSON report here")
@@ -42,7 +47,8 @@ def config_from_args(args) -> GenieRunConfig:
     return GenieRunConfig(weight_bits=args.weight_bits, act_bits=args.act_bits or 0, data=args.data,
                           samples=args.samples, distill_steps=args.distill_steps, distill_batch=args.distill_batch,
                           swing=args.swing, method=args.method, iters=args.iters,
-                          ends_bits=args.ends_bits or None, seed=args.seed, device=args.device, model=args.model)
+                          ends_bits=args.ends_bits or None, seed=args.seed, device=args.device, model=args.model,
+                          architecture=args.architecture)
 
 
 def _progress(quiet: bool):

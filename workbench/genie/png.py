@@ -10,12 +10,8 @@ import numpy as np
 import torch
 
 
-def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 1,
-               upscale: int = 1) -> np.ndarray:
-    """[N, C, H, W] floats -> one uint8 picture [H', W', C] (C is 1 or 3), tiles row-major.
-
-    Each image is stretched to its own min..max, since synthetic images have no fixed range.
-    """
+def _unit_range(images) -> torch.Tensor:
+    """[N, C, H, W] floats, each image stretched to its own min..max in [0, 1]."""
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).detach().float().cpu()
     if x.dim() == 3:
         x = x.unsqueeze(1)
@@ -23,7 +19,28 @@ def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: 
         raise ValueError(f"expected images [N, 1 or 3, H, W], got shape {tuple(x.shape)}")
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
-    x = (x - lo) / (hi - lo).clamp(min=1e-12)
+    return (x - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def image_tiles(images, upscale: int = 1) -> list[np.ndarray]:
+    """[N, C, H, W] floats -> N uint8 RGB pictures [H * upscale, W * upscale, 3], each stretched to its
+    own range as in ``image_grid`` (for galleries that lay images out themselves)."""
+    x = _unit_range(images)
+    if upscale > 1:
+        x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    pixels = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return list(pixels)
+
+
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 1,
+               upscale: int = 1) -> np.ndarray:
+    """[N, C, H, W] floats -> one uint8 picture [H', W', C] (C is 1 or 3), tiles row-major.
+
+    Each image is stretched to its own min..max, since synthetic images have no fixed range.
+    """
+    x = _unit_range(images)
     if upscale > 1:
         x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
     n, c, h, w = x.shape

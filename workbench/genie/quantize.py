@@ -19,6 +19,7 @@ from ..errors import WorkbenchError
 from ..quant.grid import GridConfig
 from ..quant.rounding import RoundingConfig, optimize_rounding
 from .bn_stats import frozen
+from .distill import check_cancel
 from .fold import fold_batchnorm, set_module
 from .qlayers import LAYER_TYPES, QuantLayer, find_units
 
@@ -192,12 +193,21 @@ def quantize_unit(qmodel: nn.Module, name: str, x_in: torch.Tensor, target: torc
     return report
 
 
+def _cancellable(callback: Callback | None, cancel) -> Callback:
+    def hook(unit, step, loss):
+        check_cancel(cancel)
+        if callback is not None:
+            callback(unit, step, loss)
+    return hook
+
+
 def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: GenieMConfig = GenieMConfig(),
                    callback: Callback | None = None, device: str | torch.device = "cpu",
-                   on_unit: Callable[[UnitReport], None] | None = None) -> GenieMResult:
+                   on_unit: Callable[[UnitReport], None] | None = None, cancel=None) -> GenieMResult:
     """Quantize a copy of ``model`` on ``calib`` images [N, C, H, W]; the original is untouched.
 
     ``callback(unit, step, loss)`` follows the optimization; ``on_unit(report)`` each finished unit.
+    ``cancel`` (anything with ``is_set()``) stops the run with ``Cancelled`` between steps and units.
     """
     if len(calib) < 1:
         raise WorkbenchError("calibration set is empty; give at least one image")
@@ -215,10 +225,12 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: GenieMConfig = Ge
     order = execution_order(fp, calib[:2])
     ends = {order[0], order[-1]}
     targets = capture(fp, units, calib, 256, "out")
+    step_hook = callback if cancel is None else _cancellable(callback, cancel)
     reports = []
     for name in units:
+        check_cancel(cancel)
         x_in = capture(qmodel, [name], calib, 256, "in", stop_after=True)[name]
-        rep = quantize_unit(qmodel, name, x_in, targets.pop(name), cfg, ends, g, callback)
+        rep = quantize_unit(qmodel, name, x_in, targets.pop(name), cfg, ends, g, step_hook)
         reports.append(rep)
         if on_unit is not None:
             on_unit(rep)

@@ -20,6 +20,7 @@ from . import text
 from .compare_tab import build_compare_tab
 from .exposure import EXPOSURE, exposure_warnings, is_loopback, parse_auth
 from .form import build_form
+from .genie_tab import build_genie_tab
 from .inspect_tab import build_inspect_tab
 from .quantize_tab import build_quantize_tab
 from .session import Session, close_session, files_root
@@ -53,6 +54,8 @@ def build_app(default_model: str | None = None, start: dict | None = None, metho
                 build_compare_tab(form, session, models, ray_address)
             with gr.Tab("Inspect", id="inspect", elem_id="wb-tab-inspect") as inspect_tab:
                 _, (refresh, inputs, outputs) = build_inspect_tab(form, session, models)
+            with gr.Tab("Genie", id="genie", elem_id="wb-tab-genie"):
+                build_genie_tab(session)
         inspect_tab.select(refresh, inputs, outputs, show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
     return demo

@@ -75,19 +75,24 @@ class Exposure:
         """Refuse a path outside the allowed roots in ``cfg``'s path fields (exposed only)."""
         if not self.public:
             return cfg
+        builtin = f"the built-in names ({', '.join([*EMBEDDED, *BUILTIN_TEXTS])})"
         for name in PATH_FIELDS:
             value = getattr(cfg, name)
-            if not _looks_like_path(name, value):
-                continue
-            where = Path(value).expanduser().resolve()
-            if not any(where == r or r in where.parents for r in self.roots):
-                builtin = ", ".join([*EMBEDDED, *BUILTIN_TEXTS])
-                if not self.roots:
-                    raise WorkbenchError(f"{SETTINGS[name].who(face)} cannot be a file path on this server (it "
-                                         f"takes none); use the built-in names ({builtin})")
-                raise WorkbenchError(f"{SETTINGS[name].who(face)} must lie under the folders the operator allowed; "
-                                     f"the built-in names ({builtin}) work everywhere")
+            if _looks_like_path(name, value):
+                self.check_path(value, SETTINGS[name].who(face), builtin, f"{builtin} work everywhere")
         return cfg
+
+    def check_path(self, value: str, who: str, use: str, elsewhere: str):
+        """Refuse the file path ``value`` of the field ``who`` outside the allowed roots (exposed only).
+        ``use`` names what takes no path, ``elsewhere`` says it works anywhere."""
+        if not self.public:
+            return
+        where = Path(value).expanduser().resolve()
+        if any(where == r or r in where.parents for r in self.roots):
+            return
+        if not self.roots:
+            raise WorkbenchError(f"{who} cannot be a file path on this server (it takes none); use {use}")
+        raise WorkbenchError(f"{who} must lie under the folders the operator allowed; {elsewhere}")
 
     def scrub(self, text: str) -> str:
         """``text`` without file-system paths, when exposed."""

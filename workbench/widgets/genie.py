@@ -1,7 +1,14 @@
-"""Genie gallery: synthesize calibration images for the digits CNN, look at them, quantize it."""
+"""Genie gallery: synthesize calibration images for a BatchNorm CNN, watch them form, quantize it.
+
+The same live views as the app's Genie tab: the BN-statistics loss while distilling, a gallery
+of the first images with the full-precision model's predicted class and probability under each
+(redrawn as distillation proceeds), Genie-M block by block, and the accuracy table.
+"""
 from __future__ import annotations
 
+import base64
 import dataclasses
+import html
 import threading
 
 import ipywidgets as W
@@ -9,50 +16,71 @@ import torch
 
 from ..errors import WorkbenchError
 from ..figures import empty_figure
-from ..figures.genie import accuracy_table_figure, samples_figure
-from ..genie.data import DigitsConfig, load_digits_split
+from ..figures.genie import accuracy_table_figure, blocks_figure, bn_loss_figure, prediction_captions
 from ..genie.evaluate import accuracy
-from ..genie.model import load_default_model
+from ..genie.pipeline import SOURCE_LABELS, SOURCES, GenieRunConfig, Loaded, calibration_images, load_for_run, plan
+from ..genie.png import encode_png, image_tiles
+from ..genie.progress import GenieTrace, Watch
 from ..genie.qlayers import find_units
-from ..genie.pipeline import DATA_SOURCES, GenieRunConfig, calibration_images
 from ..genie.quantize import quantize_model
-from .common import LiveFigure, RunWidget, error_line, genie_settings, shown_figure
+from .common import LiveFigure, RunWidget, Throttle, error_line, genie_settings, shown_figure
 
-_DIGITS: dict = {}
-_DIGITS_LOCK = threading.Lock()
+_MODELS: dict = {}
+_MODELS_LOCK = threading.Lock()
 
-SOURCE_LABELS = {"genie": "Genie-D (generator + latents)", "pixels": "pixels optimized directly",
-                 "noise": "Gaussian noise", "real": "real digits (few-shot)"}
 METHOD_LABELS = {"genie": "Genie-M", "rtn": "RTN"}
+LOSS_TITLE = "BN-statistics loss while distilling"
+BLOCKS_TITLE = "Genie-M, block by block"
 
 
-def digits(weights: str | None = None):
-    """The shipped digits CNN (full precision, eval mode), its metadata and the data split, loaded once."""
-    key = weights or "default"
-    with _DIGITS_LOCK:
-        if key not in _DIGITS:
-            model, info = load_default_model(weights) if weights else load_default_model()
-            split = load_digits_split(DigitsConfig(**info["data"]))
-            fp_acc = accuracy(model, split.x_test, split.y_test)
-            _DIGITS[key] = (model, info, split, fp_acc)
-        return _DIGITS[key]
+def digits(cfg: GenieRunConfig | None = None) -> tuple[Loaded, float]:
+    """The run's CNN (full precision, eval mode, on the CPU), its digits split and its test accuracy,
+    loaded once per weights file and architecture."""
+    cfg = dataclasses.replace(cfg or GenieRunConfig(), device="cpu")
+    key = (cfg.model, cfg.architecture)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            loaded = load_for_run(cfg)
+            _MODELS[key] = (loaded, accuracy(loaded.model, loaded.split.x_test, loaded.split.y_test))
+        return _MODELS[key]
+
+
+def gallery_html(images, captions: list[str], columns: int = 8, upscale: int = 4) -> str:
+    """Images [N, C, H, W] as a grid of PNGs (each stretched to its own range) with a caption under each."""
+    if images is None or len(images) == 0:
+        return '<div class="wb-gallery" style="color:#888">no images yet</div>'
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    cells = []
+    for tile, caption in zip(image_tiles(images, upscale=upscale), captions):
+        uri = "data:image/png;base64," + base64.b64encode(encode_png(tile)).decode("ascii")
+        cells.append(f'<figure style="margin:0;text-align:center"><img src="{uri}" width="{tile.shape[1]}" '
+                     f'height="{tile.shape[0]}" style="image-rendering:pixelated" alt="{html.escape(caption)}">'
+                     f'<figcaption style="font-size:0.8em">{html.escape(caption)}</figcaption></figure>')
+    return (f'<div class="wb-gallery" style="display:grid;grid-template-columns:repeat({columns}, max-content);'
+            f'gap:6px 10px">' + "".join(cells) + "</div>")
 
 
 class GenieGallery(RunWidget):
-    """``synthesize()`` distills calibration images (``images``, shown in ``gallery_figure``);
-    ``quantize()`` quantizes the CNN on them and adds a row to ``rows`` (shown in
-    ``figure``, the accuracy table); ``run()`` does both. All take ``wait=True``.
+    """``synthesize()`` distills calibration images (``images``; the first ``show`` of them in the
+    gallery, live, captioned with the full-precision prediction, and the loss in ``loss_figure``);
+    ``quantize()`` quantizes the CNN on them (``blocks_figure`` fills in block by block) and adds a
+    row to ``rows`` (shown in ``figure``, the accuracy table); ``run()`` does both. All take ``wait=True``.
     """
 
     run_label = "Quantize"
 
-    def __init__(self, show: int = 32, use_figure_widget: bool | None = None, **settings):
+    def __init__(self, show: int = 32, use_figure_widget: bool | None = None, refresh: float = 0.5, **settings):
         s = {**genie_settings(), **settings}
-        base = GenieRunConfig(**{k: v for k, v in s.items()
-                                 if k in {f.name for f in dataclasses.fields(GenieRunConfig)}})
-        self.base = base
+        fields = {f.name for f in dataclasses.fields(GenieRunConfig)}
+        unknown = set(s) - fields - {"source"}
+        if unknown:
+            raise WorkbenchError(f"the gallery has no setting {', '.join(sorted(unknown))}; choose from "
+                                 f"{', '.join(sorted(fields | {'source'}))}")
+        base = GenieRunConfig(**{k: v for k, v in s.items() if k in fields})
+        self.base = base.with_source(s["source"]) if "source" in s else base
         style = {"description_width": "110px"}
-        self.data = W.Dropdown(options=[(SOURCE_LABELS[d], d) for d in DATA_SOURCES], value=base.data,
+        self.data = W.Dropdown(options=[(SOURCE_LABELS[d], d) for d in SOURCES], value=self.base.source,
                                description="data", style=style)
         self.samples = W.BoundedIntText(value=base.samples, min=1, max=4096, description="images", style=style,
                                         layout=W.Layout(width="200px"))
@@ -63,36 +91,47 @@ class GenieGallery(RunWidget):
                                    description="activation bits", style=style)
         self.method = W.Dropdown(options=[(v, k) for k, v in METHOD_LABELS.items()], value=base.method,
                                  description="quantizer", style=style)
-        self.iters = W.BoundedIntText(value=base.iters, min=0, max=100000, description="steps per block",
+        self.iters = W.BoundedIntText(value=base.iters, min=1, max=100000, description="steps per block",
                                       style=style, layout=W.Layout(width="200px"))
         self.show_count = show
+        self.images_steps = base.distill_steps      # steps per batch of the images shown (batch lines in the loss)
+        self.throttle = Throttle(refresh)
         self._setup_runner()
         self.synth_button = W.Button(description="Synthesize", button_style="info", icon="image")
-        self.gallery = LiveFigure(empty_figure("Calibration images", "press Synthesize", height=300),
-                                  use_figure_widget)
+        self.gallery = W.HTML(gallery_html(None, []))
+        self.loss = LiveFigure(empty_figure(LOSS_TITLE, "press Synthesize", height=300), use_figure_widget)
+        self.blocks = LiveFigure(empty_figure(BLOCKS_TITLE, "press Quantize", height=300), use_figure_widget)
         self.table = LiveFigure(empty_figure("Top-1 accuracy (%)", "press Quantize", height=300), use_figure_widget)
+        self.trace = GenieTrace(show)
         self.images: torch.Tensor | None = None
         self.images_source: str | None = None
+        self.images_config: GenieRunConfig | None = None
         self.rows: list[dict] = []
         self.last_units: list = []
         self.synth_button.on_click(lambda _: self._click(self.synthesize))
         super().__init__([W.HBox([self.data, self.samples, self.steps]),
                           W.HBox([self.weight_bits, self.act_bits, self.method, self.iters]),
                           W.HBox([self.synth_button, self.buttons()]),
-                          self.runner.status, self.gallery.widget, self.table.widget])
+                          self.runner.status, self.gallery, W.HBox([self.loss.widget, self.blocks.widget]),
+                          self.table.widget])
 
     figure = shown_figure("table")
-    gallery_figure = shown_figure("gallery")
+    loss_figure = shown_figure("loss")
+    blocks_figure = shown_figure("blocks")
+
+    @property
+    def captions(self) -> list[str]:
+        """The captions under the gallery's images now (the full-precision model's class and probability)."""
+        _, classes, confidence = self.trace.shown()
+        return prediction_captions(classes, confidence)
 
     def config(self) -> GenieRunConfig:
-        return dataclasses.replace(self.base, data=self.data.value, samples=self.samples.value,
-                                   distill_steps=self.steps.value, distill_batch=min(self.base.distill_batch,
-                                                                                     self.samples.value),
+        return dataclasses.replace(self.base, samples=self.samples.value, distill_steps=self.steps.value,
                                    weight_bits=self.weight_bits.value, act_bits=self.act_bits.value,
-                                   method=self.method.value, iters=self.iters.value)
+                                   method=self.method.value, iters=self.iters.value).with_source(self.data.value)
 
     def set(self, **values):
-        names = {"data": self.data, "samples": self.samples, "distill_steps": self.steps,
+        names = {"data": self.data, "source": self.data, "samples": self.samples, "distill_steps": self.steps,
                  "weight_bits": self.weight_bits, "act_bits": self.act_bits, "method": self.method,
                  "iters": self.iters}
         for k, v in values.items():
@@ -106,79 +145,90 @@ class GenieGallery(RunWidget):
         except Exception as exc:
             self.runner.say(error_line(exc), "error")
 
+    # -- live views ---------------------------------------------------------------------------
+    def _draw(self, force: bool = False):
+        if not force and not self.throttle():
+            return
+        done, total = self.trace.progress()
+        self.runner.set_progress(done, total)
+        self.runner.say(self.trace.label())
+        images, classes, confidence = self.trace.shown()
+        self.gallery.value = gallery_html(images, prediction_captions(classes, confidence))
+        if self.trace.steps:
+            self.loss.show(bn_loss_figure(self.trace.steps, self.trace.losses, self.trace.distill_total,
+                                          self.images_steps, height=300))
+        if self.trace.names:
+            self.blocks.show(blocks_figure(self.trace.units, self.trace.names, height=300))
+
+    def _watch(self, cancel) -> Watch:
+        def on_event(ev):
+            kind = self.trace.add(ev)
+            self._draw(force=kind == "unit_finished" or (kind == "images" and ev.final))
+        return Watch(on_event, cancel, gallery=self.show_count)
+
     # -- the two steps ---------------------------------------------------------------------
     def _distill(self, cfg: GenieRunConfig, cancel):
-        model, info, split, _ = digits()
-        batches = max(1, cfg.samples // max(1, min(cfg.distill_batch, cfg.samples)))
-        total = max(1, cfg.distill_steps * batches)
-
-        def on_step(step, loss):
-            if cancel.is_set():
-                from ..errors import Cancelled
-                raise Cancelled("run cancelled")
-            self.runner.set_progress(step + 1, total)
-            if step % 10 == 0:
-                self.runner.say(f"distilling: step {step + 1}/{total}, BN-statistics loss {loss:.3g}")
-
+        loaded, _ = digits(cfg)
         torch.manual_seed(cfg.seed)
-        self.runner.say(f"calibration images from {SOURCE_LABELS[cfg.data]}")
-        return calibration_images(model, cfg, split, torch.device("cpu"), on_step)
+        self.trace = GenieTrace(self.show_count)
+        self.images_steps = cfg.distill_steps
+        watch = self._watch(cancel)
+        plan(watch, cfg, loaded)
+        watch.phase(f"calibration images from {SOURCE_LABELS[cfg.source]}")
+        images = calibration_images(loaded.model, cfg, loaded.split, loaded.device, watch=watch)
+        self._draw(force=True)
+        return images
 
     def _quantize(self, cfg: GenieRunConfig, images, cancel) -> dict:
-        model, info, split, fp_acc = digits()
-        units_done = []
-
-        def on_step(unit, step, loss):
-            if cancel.is_set():
-                from ..errors import Cancelled
-                raise Cancelled("run cancelled")
-            if step % 20 == 0:
-                self.runner.say(f"{METHOD_LABELS[cfg.method]}: {unit}, step {step}, loss {loss:.3g}")
-
-        n_units = max(1, len(find_units(model)))
-        self.runner.set_progress(0, n_units)
-
-        def on_unit(rep):
-            units_done.append(rep)
-            self.runner.set_progress(len(units_done), n_units)
-
-        result = quantize_model(model, images, cfg.quant_config(), callback=on_step, on_unit=on_unit)
+        loaded, fp_acc = digits(cfg)
+        watch = self._watch(cancel)
+        names = find_units(loaded.model)
+        self.trace.names, self.trace.iters, self.trace.units = names, cfg.iters if cfg.method == "genie" else 0, []
+        self.trace.steps, self.trace.losses, self.trace.distill_total = [], [], 0     # the progress is Genie-M's now
+        on_step, on_unit = watch.unit_callbacks(names, self.trace.iters)
+        watch.phase(METHOD_LABELS[cfg.method])
+        result = quantize_model(loaded.model, images, cfg.quant_config(), callback=on_step, on_unit=on_unit,
+                                cancel=cancel)
         self.last_units = result.units
-        q_acc = accuracy(result.model, split.x_test, split.y_test)
-        setting = f"W{cfg.weight_bits}A{cfg.act_bits if cfg.act_bits else 'fp'}"
-        return {"setting": setting, "data": cfg.data, "images": int(len(images)), "quantizer": METHOD_LABELS[cfg.method],
-                "full precision": fp_acc, "quantized": q_acc, "seconds": round(result.seconds, 1)}
+        q_acc = accuracy(result.model, loaded.split.x_test, loaded.split.y_test)
+        self._draw(force=True)
+        return {"setting": cfg.setting if cfg.act_bits else f"W{cfg.weight_bits}Afp", "data": cfg.source,
+                "images": int(len(images)), "quantizer": METHOD_LABELS[cfg.method], "full precision": fp_acc,
+                "quantized": q_acc, "seconds": round(result.seconds, 1)}
 
-    def _show_images(self, images, source):
-        self.images, self.images_source = images, source
-        shown = images[: self.show_count]
-        self.gallery.show(samples_figure(shown, title=f"{len(shown)} of {len(images)} calibration images "
-                                                      f"({SOURCE_LABELS[source]})"))
+    def _keep_images(self, images, cfg: GenieRunConfig):
+        self.images, self.images_source, self.images_config = images, cfg.source, cfg
 
     def _add_row(self, row: dict):
         self.rows.append(row)
         self.table.show(accuracy_table_figure(self.rows))
+
+    def _same_images(self, cfg: GenieRunConfig) -> bool:
+        old = self.images_config
+        return old is not None and self.images is not None and all(
+            getattr(old, f) == getattr(cfg, f) for f in ("data", "swing", "samples", "distill_steps", "distill_batch",
+                                                          "seed", "model", "architecture"))
 
     def synthesize(self, wait: bool = True, **settings):
         """Calibration images from the chosen source; returns them when ``wait``."""
         self.runner.check_idle()
         self.set(**settings)
         cfg = self.config()
-        self.runner.start(lambda cancel: (self._distill(cfg, cancel), cfg.data),
-                          lambda value: self._show_images(*value), "loading the digits model")
+        self.runner.start(lambda cancel: (self._distill(cfg, cancel), cfg),
+                          lambda value: self._keep_images(*value), "loading the model")
         return self._finish(wait, lambda: self.images)
 
     def quantize(self, wait: bool = True, **settings):
-        """Quantize on the current images (synthesized first if there are none or the source changed)."""
+        """Quantize on the current images (synthesized first if there are none or their settings changed)."""
         self.runner.check_idle()
         self.set(**settings)
         cfg = self.config()
-        reuse = self.images is not None and self.images_source == cfg.data and len(self.images) == cfg.samples
+        reuse = self._same_images(cfg)
 
         def work(cancel):
             images = self.images if reuse else self._distill(cfg, cancel)
             if not reuse:
-                self._show_images(images, cfg.data)
+                self._keep_images(images, cfg)
             return self._quantize(cfg, images, cancel)
 
         self.runner.start(work, self._add_row, "quantizing")
