@@ -12,6 +12,7 @@ from ..errors import Cancelled, WorkbenchError
 from ..figures import attention_heatmaps, empty_figure, layer_error_figure
 from . import text
 from .form import Form
+from .try_panel import build_compare_try_panel
 from .views import TabView, connect_cancel, error_text, message_html, progress_html, summary_display, write_run_files
 
 COMPARE_METHODS = ("rtn", "gptq", "boa", "turboboa")
@@ -61,6 +62,7 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
     connect_cancel(cancel, session, view.status)
     reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
                    view.heatmaps, show_progress="hidden")
+    build_compare_try_panel(session, models)
     return view
 
 

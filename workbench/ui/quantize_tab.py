@@ -17,6 +17,7 @@ from ..figures.style import method_label
 from ..methods import METHODS
 from . import text
 from .form import Form, method_rows
+from .try_panel import build_try_panel
 from .views import (TabView, connect_cancel, empty_layers, error_text, file_stem, layer_display, message_html,
                     perplexity_markdown, progress_html, write_run_files)
 
@@ -59,6 +60,7 @@ def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCac
               concurrency_limit=None)
     connect_cancel(cancel, session, view.status)
     build_save_panel(session, models, runs_dir)
+    build_try_panel(session, models)
     return view
 
 
