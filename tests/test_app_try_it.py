@@ -3,13 +3,32 @@ divergence marked and the top-5 table; the page's refusals; then every method of
 Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from tests import test_app_browser as shared
 from tests.test_app_browser import _set, _shot
+from workbench.ui.session import SAVABLE_CAPACITY, Session
 
 # the browser test's app (the tiny injected LM) and Chromium fixtures
 app_url, browser, runs_dir = shared.app_url, shared.browser, shared.runs_dir
+
+
+def test_the_latest_comparison_keeps_its_codes_for_try_it():
+    sess = Session()
+    compared = [SimpleNamespace(config=("compare", i), packed={"layer": i}) for i in range(4)]
+    sess.last_compare = compared
+    for o in compared:
+        sess.remember(o)
+    later = [SimpleNamespace(config=("later", i), packed={"layer": i}) for i in range(SAVABLE_CAPACITY + 2)]
+    for o in later:
+        sess.remember(o)
+    assert all(o.packed is not None for o in compared)
+    assert [o.packed is None for o in later] == [True, True] + [False] * SAVABLE_CAPACITY
+    sess.last_compare = []                                   # a new comparison: the old one's codes may go
+    sess.remember(SimpleNamespace(config="next", packed={}))
+    assert all(o.packed is None for o in compared)
 
 
 def _generate(page, prefix: str):
