@@ -62,7 +62,8 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
     connect_cancel(cancel, session, view.status)
     reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
                    view.heatmaps, show_progress="hidden")
-    build_compare_try_panel(session, models)
+    if not ray_address:     # runs on Ray leave their codes behind: nothing to try
+        build_compare_try_panel(session, models)
     return view
 
 
