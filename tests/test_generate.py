@@ -161,6 +161,14 @@ def test_settings_are_checked_with_the_face_names(tokenizer):
     with pytest.raises(WorkbenchError, match="no chat template; turn As a chat message off"):
         prompt_ids(tokenizer, GenerateConfig(chat=True), "app")
     assert prompt_ids(tokenizer, GenerateConfig(prompt="Hello there")) == tokenizer("Hello there")["input_ids"]
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} Answer:{% endif %}")
+    try:
+        chat = prompt_ids(tokenizer, GenerateConfig(prompt="Hello there", chat=True))
+        assert chat == tokenizer("<s>Hello there Answer:", add_special_tokens=False)["input_ids"]
+        assert chat[0] == tokenizer.convert_tokens_to_ids("<s>")
+    finally:
+        tokenizer.chat_template = None
 
 
 def test_stop_ids_are_the_tokenizers_end_tokens(tokenizer):
