@@ -225,8 +225,9 @@ def test_try_outcome_continues_with_the_runs_model(quantized):
     # the quantized model is kept (one) and reused; another run's codes replace it
     entry = tryit._ENTRIES[shared.loaded.model]
     kept = entry.quant
-    tryit.try_outcome(outcome, gen, models=models)
+    again = tryit.try_outcome(outcome, gen, models=models)
     assert entry.quant is kept and entry.packed is outcome.packed
+    assert again.fp is d.fp and again.quant.tokens == d.quant.tokens     # full precision's continuation kept too
     other = workspace.Outcome(cfg, result.report, Reconstruction(), packed=dict(result.packed))
     tryit.try_outcome(other, gen, models=models)
     assert entry.quant is not kept and entry.packed is other.packed

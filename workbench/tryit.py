@@ -6,7 +6,9 @@ layers' weights its own (the dequantized codes, as ``save_outcome`` writes them)
 model is kept in the process, the latest asked for, so trying the same run again is immediate and
 trying another replaces it. The full-precision side is such a tree too, over all the same tensors:
 walks of the shared model swap its first block for a moment (under its lock), and a tree of its own
-can generate while a walk goes on. Both are held only while their shared model is cached.
+can generate while a walk goes on. Both are held only while their shared model is cached, and so
+are the last few full-precision continuations: the next run tried on the same prompt decodes only
+its own side.
 
 Generations run one at a time in the process: each takes every core of a CPU.
 """
@@ -16,17 +18,19 @@ import copy
 import itertools
 import threading
 import weakref
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .api import QuantizeResult
 from .errors import WorkbenchError
-from .generate import GenerateConfig, GenerationDiff, check_positions, compare, generate_config, greedy, prompt_ids, \
-    stop_ids
+from .generate import Continuation, GenerateConfig, GenerationDiff, check_positions, compare, generate_config, greedy, \
+    prompt_ids, stop_ids
 from .workspace import MODELS, ModelCache, Outcome, SharedModel, holding
 
 _LOCK = threading.Lock()
+CONTINUATIONS = 16     # full-precision continuations kept per model (a few kilobytes each)
 
 
 def structural_copy(model: nn.Module) -> nn.Module:
@@ -51,6 +55,18 @@ class _Entry:
     view: nn.Module                 # the full-precision tree
     packed: dict | None = None      # whose codes ``quant`` holds
     quant: nn.Module | None = None
+    continuations: OrderedDict = field(default_factory=OrderedDict)   # full precision's, by prompt and length
+
+    def fp(self, ids: list[int], tokens: int, stop: frozenset[int], cancel=None) -> Continuation:
+        """The full-precision continuation, made once per prompt: trying the next run on the same prompt
+        decodes only the quantized side."""
+        key = (tuple(ids), tokens, stop)
+        if key not in self.continuations:
+            self.continuations[key] = greedy(self.view, ids, tokens, stop, cancel=cancel)
+            while len(self.continuations) > CONTINUATIONS:
+                self.continuations.popitem(last=False)
+        self.continuations.move_to_end(key)
+        return self.continuations[key]
 
 
 # keyed by the shared model's module: an entry goes when the model cache lets the model go
@@ -111,9 +127,10 @@ def try_outcomes(outcomes: list[Outcome], gen: GenerateConfig | None = None, *, 
     shared = models.get(outcomes[0].config.model, cancel)
     ids = _prompt(shared, gen, face)
     with holding(_LOCK, cancel):
-        view = _entry(shared, cancel).view
+        entry = _entry(shared, cancel)
+        view = entry.view
         stop = stop_ids(shared.tokenizer, view)
-        fp = greedy(view, ids, gen.tokens, stop, cancel=cancel)
+        fp = entry.fp(ids, gen.tokens, stop, cancel)
         out = {}
         for o in outcomes:
             quant = _quantized(shared, o.packed, cancel)
@@ -135,6 +152,8 @@ def try_result(result: QuantizeResult, gen: GenerateConfig | None = None, *, mod
     shared = models.get(result.report.model, cancel)
     ids = _prompt(shared, gen, face)
     with holding(_LOCK, cancel):
-        view = _entry(shared, cancel).view
-        return compare(view, result.model.eval(), ids, gen.tokens, stop_ids(shared.tokenizer, view), cancel=cancel)
+        entry = _entry(shared, cancel)
+        stop = stop_ids(shared.tokenizer, entry.view)
+        return compare(entry.view, result.model.eval(), ids, gen.tokens, stop, cancel=cancel,
+                       fp=entry.fp(ids, gen.tokens, stop, cancel))
 
