@@ -10,7 +10,7 @@ can generate while a walk goes on. Both are held only while their shared model i
 are the last few full-precision continuations: the next run tried on the same prompt decodes only
 its own side.
 
-Generations run one at a time in the process: each takes every core of a CPU.
+Generations run one at a time in the process, on ``DECODE_THREADS`` of torch's threads.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .api import QuantizeResult
@@ -30,6 +32,10 @@ from .generate import Continuation, GenerateConfig, GenerationDiff, check_positi
 from .workspace import MODELS, ModelCache, Outcome, SharedModel, holding
 
 _LOCK = threading.Lock()
+# Decoding one token is a matrix-vector product per layer, bound by memory bandwidth. On the 2-core CPU,
+# with one other busy process, 20 tokens of the embedded model took 2.1 s on one thread and 5-9 s on two
+# (the second thread waits on a busy core at every op); the app's own runs are such a process.
+DECODE_THREADS = 1
 CONTINUATIONS = 16     # full-precision continuations kept per model (a few kilobytes each)
 
 
@@ -91,6 +97,23 @@ def _quantized(shared: SharedModel, packed: dict, cancel=None) -> nn.Module:
     return entry.quant
 
 
+@contextmanager
+def decoding_threads(n: int | None = None):
+    """torch's intra-op threads set to ``n`` (default ``DECODE_THREADS``; at most what it has) while
+    decoding, then put back. The setting is the process's: a run in another thread computes on as many
+    for those seconds."""
+    n = DECODE_THREADS if n is None else n
+    before = torch.get_num_threads()
+    if not n or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _codes(outcome: Outcome) -> dict:
     if outcome.packed is None:
         raise WorkbenchError(f"the {outcome.method} run's quantized weights are no longer kept (only the latest "
@@ -130,11 +153,13 @@ def try_outcomes(outcomes: list[Outcome], gen: GenerateConfig | None = None, *, 
         entry = _entry(shared, cancel)
         view = entry.view
         stop = stop_ids(shared.tokenizer, view)
-        fp = entry.fp(ids, gen.tokens, stop, cancel)
+        with decoding_threads():
+            fp = entry.fp(ids, gen.tokens, stop, cancel)
         out = {}
         for o in outcomes:
             quant = _quantized(shared, o.packed, cancel)
-            out[o.method] = compare(view, quant, ids, gen.tokens, stop, cancel=cancel, fp=fp)
+            with decoding_threads():
+                out[o.method] = compare(view, quant, ids, gen.tokens, stop, cancel=cancel, fp=fp)
         return out
 
 
@@ -154,6 +179,7 @@ def try_result(result: QuantizeResult, gen: GenerateConfig | None = None, *, mod
     with holding(_LOCK, cancel):
         entry = _entry(shared, cancel)
         stop = stop_ids(shared.tokenizer, entry.view)
-        return compare(entry.view, result.model.eval(), ids, gen.tokens, stop, cancel=cancel,
-                       fp=entry.fp(ids, gen.tokens, stop, cancel))
+        with decoding_threads():
+            return compare(entry.view, result.model.eval(), ids, gen.tokens, stop, cancel=cancel,
+                           fp=entry.fp(ids, gen.tokens, stop, cancel))
 
