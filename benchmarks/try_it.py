@@ -42,13 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default="|".join(PROMPTS), help="prompts separated by |, one per press in turn")
     p.add_argument("--tokens", type=int, default=40)
     p.add_argument("--presses", type=int, default=2)
-    p.add_argument("--threads", type=int, default=tryit.DECODE_THREADS,
-                   help="torch threads while decoding (the app's setting by default; 0: torch's own)")
+    p.add_argument("--threads", type=int, default=tryit.THREADS,
+                   help="torch threads while Try it builds and decodes (the app's setting by default; 0: torch's own)")
     p.add_argument("--out", default=None, help="write the rows as JSON here too")
     args = p.parse_args(argv)
     prompts = args.prompts.split("|")
-    tryit.DECODE_THREADS = args.threads or None
-    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "decode_threads": args.threads,
+    tryit.THREADS = args.threads or None
+    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "try_threads": args.threads,
                "load_average_before": os.getloadavg()}
     rows = []
     for case in args.cases.split(","):

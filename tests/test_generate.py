@@ -271,17 +271,17 @@ def test_html_escapes_and_marks_the_divergence(tokenizer):
     assert many.count('class="wb-try-row"') == 3 and "the same tokens as full precision" in many
 
 
-def test_decoding_threads_are_set_and_put_back():
+def test_try_threads_are_set_and_put_back():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with tryit.decoding_threads(1):
+        with tryit.try_threads(1):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with tryit.decoding_threads(4):               # never more than torch has
+        with tryit.try_threads(4):               # never more than torch has
             assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError):
-            with tryit.decoding_threads(1):
+            with tryit.try_threads(1):
                 raise RuntimeError("a failed step")
         assert torch.get_num_threads() == 2
     finally:

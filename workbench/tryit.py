@@ -10,7 +10,7 @@ can generate while a walk goes on. Both are held only while their shared model i
 are the last few full-precision continuations: the next run tried on the same prompt decodes only
 its own side.
 
-Generations run one at a time in the process, on ``DECODE_THREADS`` of torch's threads.
+Generations run one at a time in the process, on ``THREADS`` of torch's threads.
 """
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ from .generate import Continuation, GenerateConfig, GenerationDiff, check_positi
 from .workspace import MODELS, ModelCache, Outcome, SharedModel, holding
 
 _LOCK = threading.Lock()
-# Decoding one token is a matrix-vector product per layer, bound by memory bandwidth. On the 2-core CPU,
-# with one other busy process, 20 tokens of the embedded model took 2.1 s on one thread and 5-9 s on two
-# (the second thread waits on a busy core at every op); the app's own runs are such a process.
-DECODE_THREADS = 1
+# Decoding one token is a matrix-vector product per layer, bound by memory bandwidth, and rebuilding a
+# model is elementwise work on many small tensors. On the 2-core CPU with one other busy process, 20 tokens
+# of the embedded model took 2.1 s on one thread and 5-9 s on two, and rebuilding the whole model from
+# its codes 0.5 s against 5.1 s: the second thread waits on a busy core at every op (the app's own runs
+# keep a core busy too).
+THREADS = 1
 CONTINUATIONS = 16     # full-precision continuations kept per model (a few kilobytes each)
 
 
@@ -98,11 +100,11 @@ def _quantized(shared: SharedModel, packed: dict, cancel=None) -> nn.Module:
 
 
 @contextmanager
-def decoding_threads(n: int | None = None):
-    """torch's intra-op threads set to ``n`` (default ``DECODE_THREADS``; at most what it has) while
-    decoding, then put back. The setting is the process's: a run in another thread computes on as many
-    for those seconds."""
-    n = DECODE_THREADS if n is None else n
+def try_threads(n: int | None = None):
+    """torch's intra-op threads set to ``n`` (default ``THREADS``; at most what it has) while Try it
+    builds and decodes, then put back. The setting is the process's: a run in another thread computes on
+    as many for those seconds."""
+    n = THREADS if n is None else n
     before = torch.get_num_threads()
     if not n or n >= before:
         yield
@@ -150,15 +152,14 @@ def try_outcomes(outcomes: list[Outcome], gen: GenerateConfig | None = None, *, 
     shared = models.get(outcomes[0].config.model, cancel)
     ids = _prompt(shared, gen, face)
     with holding(_LOCK, cancel):
-        entry = _entry(shared, cancel)
+        entry = _entry(shared, cancel)     # may wait for a walk's lock: not on fewer threads than the walk
         view = entry.view
         stop = stop_ids(shared.tokenizer, view)
-        with decoding_threads():
+        with try_threads():
             fp = entry.fp(ids, gen.tokens, stop, cancel)
-        out = {}
-        for o in outcomes:
-            quant = _quantized(shared, o.packed, cancel)
-            with decoding_threads():
+            out = {}
+            for o in outcomes:
+                quant = _quantized(shared, o.packed, cancel)
                 out[o.method] = compare(view, quant, ids, gen.tokens, stop, cancel=cancel, fp=fp)
         return out
 
@@ -179,7 +180,7 @@ def try_result(result: QuantizeResult, gen: GenerateConfig | None = None, *, mod
     with holding(_LOCK, cancel):
         entry = _entry(shared, cancel)
         stop = stop_ids(shared.tokenizer, entry.view)
-        with decoding_threads():
+        with try_threads():
             return compare(entry.view, result.model.eval(), ids, gen.tokens, stop, cancel=cancel,
                            fp=entry.fp(ids, gen.tokens, stop, cancel))
 
