@@ -286,3 +286,18 @@ def test_try_threads_are_set_and_put_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_what_try_it_keeps_goes_with_the_cached_model(tiny_checkpoints):
+    import gc
+    models = workspace.ModelCache(capacity=1)
+    cfg = QuantizeConfig(model=tiny_checkpoints["llama"], method="rtn", **SMALL)
+    result = workspace.quantize_copy(cfg, models=models)
+    outcome = workspace.Outcome(cfg, result.report, Reconstruction(), packed=result.packed)
+    tryit.try_outcome(outcome, models=models, tokens=4)
+    held = sum(e.quant is not None for e in tryit._ENTRIES.values())
+    assert held == 1 and models.get(cfg.model).loaded.model in tryit._ENTRIES
+    del result
+    models.get(tiny_checkpoints["opt"])          # the llama leaves the cache ...
+    gc.collect()
+    assert all(e.packed is not outcome.packed for e in tryit._ENTRIES.values())   # ... and its trees with it
