@@ -105,6 +105,26 @@ w"""),
         code("""
 w.run(method="rtn")    # try another method or bit width from the form, or press Run
 w.report.ppl_quant, report.ppl_quant"""),
+        md("""
+## What the bits did to the text
+
+Perplexity is one number. `GenerateWidget` has the full-precision model and the quantized one continue
+the same prompt, one token at a time, each always taking the token it finds most likely (greedy
+decoding). Until the texts part both models have read the same words, so the first divergent token is
+where quantization first changed the model's mind; the table gives both models' top-5 next-token
+probabilities there (how close the call was). The prompt is continued as plain text; `chat=True` wraps it
+in the tokenizer's chat template, so an instruct model answers it instead.
+"""),
+        code("""
+from workbench.widgets import GenerateWidget
+
+g = GenerateWidget(result, prompt="Once upon a time, in a small village by the sea,", tokens=40)
+g.run()
+g"""),
+        code("""
+d = g.diff
+print("the texts part at token", d.first + 1 if d.first is not None else "never")
+g.top"""),
     ]
 
 

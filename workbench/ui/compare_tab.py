@@ -14,6 +14,7 @@ from ..progress import progress_label
 from . import text
 from .form import Form
 from .report_button import build_report_button
+from .try_panel import build_compare_try_panel
 from .views import TabView, connect_cancel, error_text, message_html, progress_html, summary_display, write_run_files
 
 COMPARE_METHODS = ("rtn", "gptq", "boa", "turboboa")
@@ -64,6 +65,8 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
     reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
                    view.heatmaps, show_progress="hidden")
     build_report_button(session, "c", lambda sess: list(sess.last_compare), report_stem)
+    if not ray_address:     # runs on Ray leave their codes behind: nothing to try
+        build_compare_try_panel(session, models)
     return view
 
 

@@ -19,6 +19,7 @@ from ..progress import progress_label
 from . import text
 from .form import Form, method_rows
 from .report_button import build_report_button
+from .try_panel import build_try_panel
 from .views import (TabView, connect_cancel, empty_layers, error_text, file_stem, layer_display, message_html,
                     perplexity_markdown, progress_html, write_run_files)
 
@@ -63,6 +64,7 @@ def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCac
     build_report_button(session, "q", lambda sess: [sess.last_quantize],
                         lambda outcomes: file_stem(outcomes[0].config) + "-report")
     build_save_panel(session, models, runs_dir)
+    build_try_panel(session, models)
     return view
 
 

@@ -19,7 +19,7 @@ from ..workspace import spectra_key
 _ROOT: Path | None = None
 _ROOT_LOCK = threading.Lock()
 RESULT_CAPACITY = 32
-SAVABLE_CAPACITY = 2       # runs whose codes stay in memory for Save (the whole model's, ~1 byte per weight)
+SAVABLE_CAPACITY = 2       # runs whose codes stay in memory for Save and Try it (the whole model's, ~1 byte per weight)
 SPECTRA_CAPACITY = 4
 
 
@@ -76,8 +76,10 @@ class Session:
         self.results[key] = outcome
         while len(self.results) > RESULT_CAPACITY:
             self.results.popitem(last=False)
+        # the runs shown in Quantize and in the latest comparison keep their codes too: Save and Try it use them
+        shown = [self.last_quantize, *self.last_compare]
         for old in list(self.results.values())[:-SAVABLE_CAPACITY]:
-            if old is not self.last_quantize:
+            if not any(old is o for o in shown):
                 old.packed = None
 
     def cached(self, config):

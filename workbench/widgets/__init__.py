@@ -13,10 +13,11 @@ from ..workspace import Outcome
 from .common import LiveFigure, SettingsForm, fast_mode, forget_models, full_precision, genie_settings, \
     notebook_settings
 from .compare import CompareWidget
+from .generate import GenerateWidget
 from .genie import GenieGallery
 from .quantize import QuantizeWidget
 from .spectra import SpectrumExplorer
 
-__all__ = ["QuantizeWidget", "CompareWidget", "SpectrumExplorer", "AttentionExplorer", "GenieGallery",
+__all__ = ["QuantizeWidget", "CompareWidget", "SpectrumExplorer", "AttentionExplorer", "GenieGallery", "GenerateWidget",
            "LiveFigure", "SettingsForm", "Outcome", "notebook_settings",
            "genie_settings", "fast_mode", "full_precision", "forget_models"]
