@@ -233,15 +233,6 @@ def is_streamed(model) -> bool:
     return isinstance(model, StreamedModel)
 
 
-def fetch_block(model, family: Family, b: int, device) -> nn.Module:
-    """Block ``b`` of ``model`` on ``device``: read from disk for a streamed model, else the block itself
-    when it already lives there, or a copy (see ``diagnostics.walk.on_device``)."""
-    if is_streamed(model):
-        return model.block(b, device)
-    from ..diagnostics.walk import on_device
-    return on_device(family.blocks(model)[b], torch.device(device))
-
-
 # -- loading ------------------------------------------------------------------------------------
 
 def local_directory(source: str) -> Path:
@@ -326,8 +317,8 @@ def load_streamed(spec: str, trust_remote_code: bool = False):
     from .loading import LoadedModel, model_config, quiet_transformers, resolve
     quiet_transformers()
     source = resolve(spec)
+    config = model_config(spec, source, trust_remote_code)     # an unknown model is refused as load_model does
     directory = local_directory(source)
-    config = model_config(spec, str(directory), trust_remote_code)
     from . import family_for
     family = family_for(config)
     files = TensorFiles(directory)
