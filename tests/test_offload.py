@@ -221,3 +221,15 @@ def test_the_workspace_offloads_runs_spectra_and_saves(checkpoint, tmp_path):
     workspace.save_outcome(memory, tmp_path / "memory")
     a, b = shards(tmp_path / "memory"), shards(tmp_path / "disk")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    from workbench.scratch import Scratch
+    monkeypatch.setenv("WORKBENCH_SCRATCH", str(tmp_path))
+    dead = tmp_path / f"run-{4_194_304 + 7}-0123456789ab"      # above Linux's largest pid_max: no such process
+    dead.mkdir()
+    (dead / "000001-act").write_bytes(b"x" * 10)
+    mine = Scratch("activations")
+    assert not dead.exists() and mine.path.parent == tmp_path and mine.path.stat().st_mode & 0o777 == 0o700
+    mine.close()
+    assert list(tmp_path.iterdir()) == []
