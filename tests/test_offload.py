@@ -233,3 +233,15 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next(tmp_path, monkeypat
     assert not dead.exists() and mine.path.parent == tmp_path and mine.path.stat().st_mode & 0o777 == 0o700
     mine.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_memory_estimate_counts_one_block_not_the_model(checkpoint):
+    from workbench.memory import estimate
+    cfg = QuantizeConfig(model=checkpoint, **RUN)
+    streamed, memory = load_streamed(checkpoint).model, load_model(checkpoint).model
+    block = sum(p.numel() * p.element_size() for p in memory.model.layers[0].parameters())
+    on_disk = estimate(cfg, streamed, copies=1, fp_stream=True, streamed=True)
+    in_memory = estimate(cfg, memory, copies=1, fp_stream=True)
+    assert on_disk.host["model copy"] == 0 and on_disk.host["blocks read"] == 2 * block
+    assert in_memory.host["model copy"] == sum(p.numel() * p.element_size() for p in memory.parameters())
+    assert on_disk.host_bytes < in_memory.host_bytes
