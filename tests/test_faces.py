@@ -49,6 +49,9 @@ BAD = [
     ("value_output", "q", "boa", "must be one of identity, o_proj, got 'q'"),
     ("lr", "inf", "aespa", "must be a finite number, got inf"),
     ("lr", "nan", "brecq", "must be a finite number, got nan"),
+    ("offload", "ram", "gptq", "must be one of none, disk, auto, got 'ram'"),
+    ("activation_memory", -1, "gptq", "must be at least 0.0, got -1.0"),
+    ("activation_memory", "lots", "gptq", "must be a number, got 'lots'"),
 ]
 IDS = [f"{f}={v!r}" for f, v, _, _ in BAD]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .activations import ActivationPool
 from .config import QuantizeConfig
 from .data import calibration_windows, evaluation_windows
 from .devices import resolve_device
@@ -17,9 +18,14 @@ from .errors import WorkbenchError
 from .evaluate import perplexity
 from .export import FORMAT_FAKE, FORMAT_PACKED, check_save_dir, save_fake_quant, save_quantized
 from .export_gguf import check_gguf_model, save_gguf
-from .memory import PeakMeter, check_fits, estimate
+from .export_stream import StreamingExport, save_streamed
+from .memory import PeakMeter, Phases, check_fits, estimate
 from .methods import method_spec
 from .models.loading import LoadedModel, cache_root, load_model
+from .models.streamed import is_streamed, load_streamed
+from .offload import DISK, DiskBlocks
+from .offload import choose as choose_offload
+from .packed_spill import PackedSpill
 from .patterns import matches
 from .progress import phase_progress
 from .quant.grid import GridConfig
@@ -38,7 +44,7 @@ class QuantizeResult:
         return iter((self.model, self.report))
 
 
-_FP_PERPLEXITY: dict[tuple, float] = {}   # (source, eval text, seqlen, windows, device) -> ppl
+_FP_PERPLEXITY: dict[tuple, float] = {}   # (source, eval text, seqlen, windows, device, streamed) -> ppl
 
 
 def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None = None, on_event=None,
@@ -61,10 +67,13 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if ranks.active and method_spec(cfg.method).block is not None:
         raise WorkbenchError(f"{cfg.method} trains whole blocks on its own windows and is not data-parallel; run it "
                              f"in one process (without torchrun)")
+    offload = choose_offload(cfg, loaded)
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     if loaded is None:
         _say(on_event, f"loading {cfg.model}")
-        loaded = load_model(cfg.model, progress=conversion_progress(on_event, cfg.model))
+        loaded = (load_streamed(cfg.model) if offload == DISK
+                  else load_model(cfg.model, progress=conversion_progress(on_event, cfg.model)))
+    streamed = is_streamed(loaded.model)
     check_against_model(loaded, cfg)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
@@ -73,53 +82,86 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                              f"at least one window")
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
     meter = PeakMeter(device).start()     # this run's own peak, not the process's since it started
+    pool = ActivationPool.of_gigabytes(cfg.activation_memory)
+    phases = Phases(loaded.model.residency if streamed else _weight_bytes(loaded.model), pool)
     torch.manual_seed(cfg.seed)
+    export = None
+    try:
+        ppl_fp = None
+        if evalw is not None:
+            key = (loaded.source, cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device), streamed)
+            ppl_fp = _FP_PERPLEXITY.get(key) if fresh else None
+            if ppl_fp is None:
+                with phases("perplexity_fp"):
+                    ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks,
+                                        pool=pool, progress=phase_progress(
+                                            on_event, f"{cfg.method}: full-precision perplexity", "window"))
+                if fresh:
+                    _FP_PERPLEXITY[key] = ppl_fp
+        loaded.model.to("cpu")
+        # offloaded: the engine walks its own view of the checkpoint, the codes go to disk as they are made,
+        # and with --save each finished block into the export
+        work = loaded.model.view() if streamed else loaded.model
+        packed = PackedSpill() if streamed else None
+        if streamed and save_dir is not None and ranks.leader:
+            export = StreamingExport(work, tok, save_dir, cfg.format, packed, cfg.grid(), overwrite)
+        spec = method_spec(cfg.method)
+        engine = BlockQuantizer(work, loaded.family, spec, cfg.grid(), cfg.solver(), device,
+                                cfg.batch_size, cfg.max_blocks, on_event, cancel,
+                                options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
+                                         "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore},
+                                ranks=ranks, store=DiskBlocks(work, export) if streamed else None,
+                                activations=pool, packed=packed)
+        t0 = time.perf_counter()
+        with phases("quantize"):
+            result: EngineResult = engine.run(ranks.share(calib))
+        quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
+        model_q = work.view(result.packed) if streamed else loaded.model
+        ppl_q = None
+        if evalw is not None:
+            with phases("perplexity_quant"):
+                ppl_q = perplexity(model_q, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks, pool=pool,
+                                   progress=phase_progress(on_event, f"{cfg.method}: quantized perplexity", "window"))
+        loaded.model.to("cpu")
 
-    ppl_fp = None
-    if evalw is not None:
-        key = (loaded.source, cfg.eval_text, cfg.seqlen, cfg.eval_windows, str(device))
-        ppl_fp = _FP_PERPLEXITY.get(key) if fresh else None
-        if ppl_fp is None:
-            ppl_fp = perplexity(loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks,
-                                progress=phase_progress(on_event, f"{cfg.method}: full-precision perplexity",
-                                                        "window"))
-            if fresh:
-                _FP_PERPLEXITY[key] = ppl_fp
-    loaded.model.to("cpu")
-    spec = method_spec(cfg.method)
-    engine = BlockQuantizer(loaded.model, loaded.family, spec, cfg.grid(), cfg.solver(), device,
-                            cfg.batch_size, cfg.max_blocks, on_event, cancel,
-                            options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
-                                     "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore},
-                            ranks=ranks)
-    t0 = time.perf_counter()
-    result: EngineResult = engine.run(ranks.share(calib))
-    quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
-    ppl_q = None if evalw is None else perplexity(
-        loaded.model, evalw, device, cfg.batch_size, cancel=cancel, ranks=ranks,
-        progress=phase_progress(on_event, f"{cfg.method}: quantized perplexity", "window"))
-    loaded.model.to("cpu")
-
-    report = Report(model=cfg.model, method=cfg.method,
-                    config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
-                            "device_resolved": str(device), "torch": torch.__version__, "processes": ranks.world,
-                            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")},
-                    ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
-                    peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings)
-    out = QuantizeResult(loaded.model, tok, report, result.packed)
-    if not ranks.leader:     # every rank holds the same model; one writes it
+        report = Report(model=cfg.model, method=cfg.method,
+                        config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
+                                "device_resolved": str(device), "torch": torch.__version__, "processes": ranks.world,
+                                "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                                "offload_resolved": offload},
+                        ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
+                        peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings,
+                        memory=phases.record)
+        out = QuantizeResult(model_q, tok, report, result.packed)
+        if not ranks.leader:     # every rank holds the same model; one writes it
+            return out
+        # the report first: it is small and sure to be written, and says what the run was if the save fails
+        if report_path is not None:
+            report.to_json(report_path)
+        if export is not None:
+            export.finish(cancel)
+        elif save_dir is not None:
+            save(out, cfg, save_dir, overwrite, on_event=on_event)
         return out
-    # the report first: it is small and sure to be written, and says what the run was if the save fails
-    if report_path is not None:
-        report.to_json(report_path)
-    if save_dir is not None:
-        save(out, cfg, save_dir, overwrite, on_event=on_event)
-    return out
+    except BaseException:
+        if export is not None:
+            export.abort()
+        raise
+    finally:
+        pool.close()
 
 
-def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False, on_event=None):
-    """Write the run in ``cfg.format``; returns the export's sizes. ``on_event`` gets progress events."""
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False, cancel=None, on_event=None):
+    """Write the run in ``cfg.format``; returns the export's sizes. An offloaded run is written block by
+    block from its checkpoint and codes. ``on_event`` gets progress events."""
     progress = phase_progress(on_event, f"saving {cfg.format}", "tensor")
+    if is_streamed(result.model):
+        return save_streamed(result.model, result.tokenizer, result.packed, path, cfg.format, cfg.grid(), overwrite,
+                             cancel)
     if cfg.gguf_type is not None:
         return save_gguf(result, path, overwrite=overwrite, progress=progress)
     if cfg.format == FORMAT_FAKE:
@@ -161,10 +203,11 @@ def _check_memory(loaded: LoadedModel, cfg: QuantizeConfig, face: str, copies: i
     from .config import SETTINGS
     spec = method_spec(cfg.method)
     device = resolve_device(cfg.device)
-    est = estimate(cfg, loaded.model, copies=copies, attention_aware=spec.attention_aware, fp_stream=spec.fp_stream,
-                   on_cuda=device.type == "cuda")
+    streamed = is_streamed(loaded.model)
+    est = estimate(cfg, loaded.model, copies=0 if streamed else copies, attention_aware=spec.attention_aware,
+                   fp_stream=spec.fp_stream, on_cuda=device.type == "cuda", streamed=streamed)
     names = ", ".join(SETTINGS[n].who(face) for n in ("calib_samples", "seqlen", "batch_size"))
-    check_fits(est, device, f"lower {names}")
+    check_fits(est, device, f"lower {names}" + ("" if streamed else f", or set {SETTINGS['offload'].who(face)} disk"))
 
 
 def _check_seqlen(loaded: LoadedModel, seqlen: int, face: str):

@@ -15,6 +15,7 @@ from .devices import availability_problem, device_problem
 from .errors import WorkbenchError
 from .methods import INITS, METHODS, LearnedOptions, method_spec
 from .models.loading import DEFAULT_MODEL, EMBEDDED
+from .offload import DISK, OFFLOADS
 from .patterns import pattern_problem
 from .quant.grid import SEARCHES, GridConfig
 from .quant.lattice import LATTICES, lattice
@@ -82,6 +83,13 @@ class QuantizeConfig:
     device: str = setting("auto", str, "Device", "auto, cpu, cuda or cuda:N", suggestions=("auto", "cpu", "cuda"),
                           check=device_problem, group="grid")
     batch_size: int = setting(4, int, "Batch size", "sequences per forward chunk", low=1, high=1024, group="run")
+    offload: str = setting("none", str, "Offload", "where the model's blocks live: none (in memory), disk (read from "
+                           "the checkpoint one block at a time and exported as they are done, for models larger "
+                           "than memory), auto (disk when the in-memory run would not fit)", choices=OFFLOADS,
+                           group="run")
+    activation_memory: float | None = setting(None, float, "Activation memory (GB)", "hidden states between blocks "
+                                              "kept in memory; beyond this many GB they spill to disk", low=0.0,
+                                              optional=True, none_means="no limit", group="run")
     measure_batches: int = setting(2, int, "Measure batches", "calibration batches for the attention error of q/k/v",
                                    low=1, methods=STAGE_WISE, group="run")
     # -- the solver (None: the method's default)
@@ -151,6 +159,9 @@ def check_combination(cfg: QuantizeConfig, face: str = "api"):
     for name, s in SETTINGS.items():
         if not s.applies_to(cfg.method) and getattr(cfg, name) != DEFAULTS[name]:
             raise WorkbenchError(f"{s.who(face)} applies to {', '.join(s.methods)}, not {cfg.method}")
+    if cfg.offload == DISK and cfg.gguf_type is not None:
+        raise WorkbenchError(f"{SETTINGS['format'].who(face)} {cfg.format} is written from the whole model in memory; "
+                             f"with {SETTINGS['offload'].who(face)} disk save as pack-quantized or fake-quant")
     problem = availability_problem(cfg.device)
     if problem:
         raise WorkbenchError(f"{SETTINGS['device'].who(face)} {problem}")

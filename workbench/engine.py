@@ -121,6 +121,20 @@ def block_inputs(model: nn.Module, family: Family, ids: torch.Tensor, batch_size
     return out
 
 
+class ResidentBlocks:
+    """Where an in-memory model's blocks come from: the model itself, each block moved to the device for
+    its turn and back. (``offload.DiskBlocks`` reads them from the checkpoint instead.)"""
+
+    def __init__(self, model: nn.Module, family: Family):
+        self.blocks = family.blocks(model)
+
+    def fetch(self, b: int, device: torch.device) -> nn.Module:
+        return self.blocks[b].to(device)
+
+    def finish(self, b: int, block: nn.Module):
+        self.blocks[b] = block.cpu()
+
+
 def to_device(ctx, device):
     """A tensor, or nested tuples of them (the family's context), on ``device``."""
     if ctx is None:
@@ -141,14 +155,21 @@ class BlockQuantizer:
     def __init__(self, model: nn.Module, family: Family, method: Method, grid: GridConfig,
                  solver: SolverConfig, device: torch.device, batch_size: int = 4,
                  max_blocks: int | None = None, on_event: Callable[[Event], None] | None = None,
-                 cancel=None, options: dict | None = None, ranks: Ranks = SINGLE):
+                 cancel=None, options: dict | None = None, ranks: Ranks = SINGLE, store=None, activations=None,
+                 packed=None):
         self.model, self.family, self.method, self.grid, self.solver = model, family, method, grid, solver
+        # where blocks come from and go (None: the model's own, ``ResidentBlocks``); the pool that holds the
+        # hidden states between blocks (an ``activations.ActivationPool``; None: plain lists); and the
+        # mapping the quantized layers go to (None: a dict in memory)
+        self.store, self.activations = store, activations
         self.ranks = ranks        # data-parallel calibration: ``ids`` given to ``run`` are this rank's share
         self.device, self.batch_size, self.max_blocks = device, batch_size, max_blocks
         self.on_event, self.cancel, self.options = on_event, cancel, options or {}
         self.geometry = family.geometry(model.config)
         self.result = EngineResult(timings={"forward": 0.0, "statistics": 0.0, "solve": 0.0, "solve_qkv": 0.0,
                                             "measure": 0.0})
+        if packed is not None:
+            self.result.packed = packed
         self.done = 0
         self.total = 0
 
@@ -199,19 +220,26 @@ class BlockQuantizer:
         self.total = sum(self.quantizes(b, k) for b in range(n_blocks) for k in self.family.linears)
         self.emit(kind="start")
         t0 = time.perf_counter()
-        hidden = [h.cpu() for h in block_inputs(self.model, self.family, ids, self.batch_size)]
+        store = self.store or ResidentBlocks(self.model, self.family)
+        hidden = self.keep([h.cpu() for h in block_inputs(self.model, self.family, ids, self.batch_size)])
         ctx = to_device(self.family.context(self.model, hidden[0]), self.device)
-        hidden_fp = [h.clone() for h in hidden] if self.method.fp_stream else None
+        hidden_fp = self.keep([h.clone() for h in hidden]) if self.method.fp_stream else None
         t0 = self.tick("forward", t0)
         strategy = self.method.block or BlockQuantizer.quantize_stages
         for b in range(n_blocks):
-            block = blocks[b].to(self.device)
+            block = store.fetch(b, self.device)
             fp_block = copy.deepcopy(block) if hidden_fp is not None else None
             hidden, hidden_fp = strategy(self, BlockJob(b, block, fp_block, hidden, hidden_fp, ctx))
-            blocks[b] = block.cpu()
+            hidden, hidden_fp = self.keep(hidden), self.keep(hidden_fp)
+            store.finish(b, block)
+            del block, fp_block     # before the next block is fetched: one block in memory at a time
             self.emit(kind="block_finished", block=b)
         self.emit(kind="done")
         return self.result
+
+    def keep(self, hidden: list | None):
+        """Hidden states between blocks, held by the run's activation pool when it has one."""
+        return hidden if self.activations is None or hidden is None else self.activations.hold(hidden)
 
     def quantize_stages(self, job: BlockJob):
         """The stage-wise strategy: one forward pass of the block, pausing before each stage."""

@@ -35,14 +35,19 @@ def loss_sums(model, windows: torch.Tensor, device: torch.device | str = "cpu", 
 
 
 def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 4,
-               progress=None, cancel=None, ranks=None) -> float:
+               progress=None, cancel=None, ranks=None, pool=None) -> float:
     """exp of the mean next-token loss over all windows; with data-parallel ``ranks`` each rank
-    scores its share and the sums are added up."""
+    scores its share and the sums are added up. A streamed model (``--offload disk``) walks the
+    windows block by block, its hidden states held in ``pool`` (see ``evaluate_streamed``)."""
+    if hasattr(model, "loss_sums"):
+        sums = lambda w: model.loss_sums(w, device, batch_size, progress, cancel, pool)  # noqa: E731
+    else:
+        sums = lambda w: loss_sums(model, w, device, batch_size, progress, cancel)  # noqa: E731
     if ranks is not None and ranks.active:
-        total, count = loss_sums(model, ranks.share(windows), device, batch_size, progress, cancel)
+        total, count = sums(ranks.share(windows))
         total, count = ranks.sum_numbers(total, count)
     else:
-        total, count = loss_sums(model, windows, device, batch_size, progress, cancel)
+        total, count = sums(windows)
     mean = total / count
     # a loss past ~709 nats overflows exp: the perplexity is then infinite, which the report says, not a crash
     return math.exp(mean) if mean < math.log(sys.float_info.max) else float("inf")

@@ -267,8 +267,13 @@ def publish(tmp: Path, target: Path, overwrite: bool, packed: bool):
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with tied tensors (e.g. lm_head = embeddings) kept under their first name."""
+    return unique_tensors(model.state_dict().items())
+
+
+def unique_tensors(items) -> dict[str, torch.Tensor]:
+    """``(name, tensor)`` pairs with tensors that share storage (tied weights) kept under their first name."""
     seen, out = set(), {}
-    for name, t in model.state_dict().items():
+    for name, t in items:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             continue
@@ -338,16 +343,21 @@ def write_model_files(tmp: Path, result, tensors: dict[str, torch.Tensor], dtype
                       settings: ExportSettings):
     from huggingface_hub import save_torch_state_dict
     save_torch_state_dict(tensors, tmp, max_shard_size=settings.max_shard_size, metadata={"format": "pt"})
-    config = copy.deepcopy(result.model.config)
+    write_side_files(tmp, result.model, result.tokenizer, dtype)
+
+
+def write_side_files(tmp: Path, model, tokenizer, dtype: torch.dtype):
+    """Config (in the export's dtype), generation config and tokenizer beside the weights."""
+    config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
     config.save_pretrained(tmp)
-    generation = getattr(result.model, "generation_config", None)
+    generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(tmp)
-    if result.tokenizer is not None:
-        result.tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     # the safetensors writer leaves its files private (0600); give them the mode config.json got from the umask
     mode = (tmp / "config.json").stat().st_mode & 0o777
     for f in tmp.glob("*.safetensors*"):
@@ -401,7 +411,7 @@ def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
         if not scheme.symmetric:
             load_dequantized(tmp / "config.json")
-        info = measure(tmp, FORMAT_PACKED, settings.dtype, result, scheme)
+        info = measure(tmp, FORMAT_PACKED, settings.dtype, numels(result.packed), scheme)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info
 
@@ -422,7 +432,7 @@ def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
     scheme = grid_of(packed) if packed else None
     with staging_dir(path, overwrite, packed=False) as tmp:
         write_model_files(tmp, result, tensors, dtype, settings)
-        info = measure(tmp, FORMAT_FAKE, settings.dtype, result, scheme)
+        info = measure(tmp, FORMAT_FAKE, settings.dtype, numels(packed or {}), scheme)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info
 
@@ -454,12 +464,19 @@ def safetensors_sizes(path: Path) -> dict[str, int]:
     return sizes
 
 
-def measure(path: Path, fmt: str, dtype: str, result, scheme: WeightScheme | None) -> ExportInfo:
+def numels(packed) -> dict[str, int]:
+    """Weights per quantized layer (a ``PackedSpill`` knows its shapes without reading the codes)."""
+    shape = getattr(packed, "shape", None)
+    return {n: (shape(n)[0] * shape(n)[1] if shape else packed[n].codes.numel()) for n in packed}
+
+
+def measure(path: Path, fmt: str, dtype: str, sizes_of: dict[str, int], scheme: WeightScheme | None) -> ExportInfo:
+    """``sizes_of``: weights per quantized layer."""
     sizes = safetensors_sizes(path)
-    layers = sorted(result.packed)
+    layers = sorted(sizes_of)
     prefixes = tuple(f"{n}.weight" for n in layers)   # .weight, .weight_packed, .weight_scale, ...
     quantized = sum(b for k, b in sizes.items() if k.startswith(prefixes))
-    float16 = sum(result.packed[n].codes.numel() * 2 for n in layers)
+    float16 = sum(sizes_of[n] * 2 for n in layers)
     total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return ExportInfo(format=fmt, dtype=dtype, bits=scheme and scheme.bits,
                       group_size=scheme and scheme.group_size, symmetric=scheme and scheme.symmetric,

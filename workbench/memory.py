@@ -106,7 +106,7 @@ class Estimate:
 
 
 def estimate(cfg, model, copies: int = 1, attention_aware: bool = False, fp_stream: bool = False,
-             on_cuda: bool = False) -> Estimate:
+             on_cuda: bool = False, streamed: bool = False) -> Estimate:
     """The peak memory a run with ``cfg`` adds to what is in memory now, from the settings and the model.
 
     ``copies``: working copies of the model the run makes (the workspace quantizes a copy of the
@@ -114,6 +114,10 @@ def estimate(cfg, model, copies: int = 1, attention_aware: bool = False, fp_stre
     inputs kept for every calibration window (twice with the full-precision stream), the attention
     probabilities ``[batch, heads, L, L]`` and, for BoA's statistics, per-position moments
     ``[kv heads, L, d, d]``, and the logits ``[batch, L, vocab]`` of the perplexity.
+
+    ``streamed`` (``--offload disk``, ``model`` a ``StreamedModel``): no copy of the model, one block
+    read at a time (two with the full-precision stream), the evaluation's hidden states held between
+    blocks (up to ``--activation-memory``) and its logits made a slice at a time.
     """
     c = model.config
     params = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -126,6 +130,7 @@ def estimate(cfg, model, copies: int = 1, attention_aware: bool = False, fp_stre
     L, n, b = cfg.seqlen, cfg.calib_samples, min(cfg.batch_size, cfg.calib_samples)
     f32 = 4
     streams = 2 if fp_stream else 1
+    limit = None if getattr(cfg, "activation_memory", None) is None else int(cfg.activation_memory * 10 ** 9)
     host = {"model copy": copies * params,
             # inputs and outputs of the current block for every window, kept on the CPU
             "block inputs": 2 * streams * n * L * hidden * f32}
@@ -134,12 +139,49 @@ def estimate(cfg, model, copies: int = 1, attention_aware: bool = False, fp_stre
     transient = {"attention": 2 * b * heads * L * L * f32}
     if cfg.eval_windows >= 0:
         transient["perplexity logits"] = 3 * cfg.batch_size * L * vocab * f32
+    blocks = {}
+    if streamed:
+        from .evaluate_streamed import LOGIT_BUDGET
+        host["model copy"] = 0
+        blocks["blocks read"] = streams * model.block_bytes()
+        if cfg.eval_windows >= 0:
+            transient["perplexity logits"] = 3 * min(cfg.batch_size * L * vocab * f32, LOGIT_BUDGET)
+        if cfg.eval_windows > 0:    # (all windows, 0: as many as the text holds, bounded by the limit only)
+            held = 2 * cfg.eval_windows * L * hidden * f32
+            host["evaluation hidden states"] = held if limit is None else min(held, limit)
     largest = max(transient, key=transient.get)
     work[largest] = transient[largest]
     if not on_cuda:
-        return Estimate({**host, **work}, {}, False)
-    # on a GPU: the perplexity takes the whole model there, quantizing only one block at a time
-    return Estimate(host, {"model": params, **work}, True)
+        return Estimate({**host, **blocks, **work}, {}, False)
+    # on a GPU: the in-memory perplexity takes the whole model there, quantizing only one block at a time
+    return Estimate(host, {**(blocks if streamed else {"model": params}), **work}, True)
+
+
+class Phases:
+    """Per phase of a run (``with phases("quantize"):``): the resident-set peak the OS reports, and the
+    peaks of the model weights and the activations the run holds (``record``, for the report)."""
+
+    def __init__(self, weights, pool):
+        self.weights, self.pool = weights, pool     # a ``Residency`` or a fixed byte count; an ActivationPool
+        self.record: dict[str, dict] = {}
+
+    def __call__(self, name: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def phase():
+            meter = PeakMeter(torch.device("cpu")).start()
+            if hasattr(self.weights, "reset_peak"):
+                self.weights.reset_peak()
+            self.pool.reset_peaks()
+            try:
+                yield
+            finally:
+                weights = self.weights.peak if hasattr(self.weights, "peak") else int(self.weights)
+                self.record[name] = {"peak_rss_bytes": meter.stop(), "weights_bytes": weights,
+                                     "activations_bytes": self.pool.peak_memory,
+                                     "activations_on_disk_bytes": self.pool.peak_disk}
+        return phase()
 
 
 def _parts(parts: dict) -> str:

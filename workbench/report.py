@@ -35,6 +35,9 @@ class Report:
     peak_memory_bytes: int = 0
     layers: list[LayerRecord] = field(default_factory=list)
     timings: dict = field(default_factory=dict)   # seconds by phase (forward, statistics, solve...)
+    # by phase (perplexity_fp, quantize, perplexity_quant): peak_rss_bytes (the OS's resident set), weights_bytes
+    # and activations_bytes (what the run held in memory at its peak), activations_on_disk_bytes (spilled)
+    memory: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

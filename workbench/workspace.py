@@ -35,6 +35,9 @@ from .errors import Cancelled, WorkbenchError
 from .evaluate import perplexity
 from .models.loading import LoadedModel, load_model
 from .progress import phase_progress
+from .models.streamed import is_streamed, load_streamed
+from .offload import AUTO, DISK
+from .offload import choose as choose_offload
 from .report import Report
 
 HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the perplexity, at most this many
@@ -115,10 +118,17 @@ class SharedModel:
         return dataclasses.replace(self.loaded, tokenizer=self.tokenizer)
 
     def working_copy(self, cancel=None) -> LoadedModel:
-        """A deep copy to quantize in place."""
+        """A deep copy to quantize in place (of a streamed model: a view, its blocks stay on disk)."""
+        if is_streamed(self.loaded.model):
+            return dataclasses.replace(self.private(), model=self.loaded.model.view())
         with holding(self.lock, cancel):
             model = copy.deepcopy(self.loaded.model).eval()
         return dataclasses.replace(self.private(), model=model)
+
+    def walkable(self):
+        """The model for a walk (spectra, held-out errors): a walk swaps its first block for a moment, so a
+        streamed model, which the lock does not guard, is walked through a view of its own."""
+        return self.loaded.model.view() if is_streamed(self.loaded.model) else self.loaded.model
 
     def fp_perplexity(self, key, compute) -> float:
         """The full-precision perplexity for ``key`` (text, windows, device), computed once."""
@@ -187,6 +197,15 @@ class ModelCache:
 
 
 MODELS = ModelCache()
+STREAMED = ModelCache(loader=load_streamed)     # --offload disk: the blocks stay in the checkpoint's files
+
+
+def cache_for(cfg: QuantizeConfig, models: ModelCache) -> ModelCache:
+    """Where ``cfg``'s model comes from: ``models``, or the streamed models when the run is offloaded
+    (``auto``: when the run would not fit with the model in memory; one already loaded counts as there)."""
+    offload = choose_offload(cfg, copies=1, loaded_already=models.loaded(cfg.model)) \
+        if cfg.offload == AUTO else cfg.offload
+    return STREAMED if offload == DISK else models
 
 
 # -- outcomes -------------------------------------------------------------------------------------
@@ -252,6 +271,7 @@ def quantize_copy(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=
                   shared: SharedModel | None = None) -> QuantizeResult:
     """Quantize a private copy of the cached model; its full-precision perplexity is computed once."""
     cfg = cfg.validate()
+    models = cache_for(cfg, models) if shared is None else models
     _precheck(cfg, shared or (models.get(cfg.model) if models.loaded(cfg.model) else None))
     with SLOTS.held(cancel, on_event, cfg.method):
         return _quantize_copy(cfg, models, on_event, cancel, shared)
@@ -302,6 +322,7 @@ def run(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, canc
     """Quantize a private copy and measure it: perplexity before and after, and every layer's and
     head's error against the full-precision model on ``heldout`` windows of the evaluation text."""
     cfg = cfg.validate()
+    models = cache_for(cfg, models)
     _precheck(cfg, models.get(cfg.model) if models.loaded(cfg.model) else None)
     with SLOTS.held(cancel, on_event, cfg.method):
         return _run(cfg, models, on_event, cancel, heldout)
@@ -315,7 +336,7 @@ def _run(cfg, models, on_event, cancel, heldout) -> Outcome:
     ids = evaluation_windows(shared.tokenizer, cfg.eval_text, cfg.seqlen, heldout or default_heldout(cfg))
     _check(cancel)
     with holding(shared.lock, cancel):
-        recon = reconstruction_errors(shared.loaded.model, result.model, shared.loaded.family, ids,
+        recon = reconstruction_errors(shared.walkable(), result.model, shared.loaded.family, ids,
                                       batch_size=cfg.batch_size, device=resolve_device(cfg.device),
                                       max_blocks=cfg.max_blocks, cancel=cancel,
                                       progress=phase_progress(on_event, f"{cfg.method}: held-out errors", "block"))
@@ -328,6 +349,11 @@ def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelC
     ``on_event`` gets the export's progress events."""
     if outcome.packed is None:
         raise WorkbenchError("this run's quantized weights are no longer kept; run it again to save it")
+    if outcome.report.config.get("offload_resolved") == DISK:     # written block by block from the checkpoint
+        shared = STREAMED.get(outcome.config.model)
+        model = shared.loaded.model.view(outcome.packed)
+        return save(QuantizeResult(model, shared.tokenizer, outcome.report, outcome.packed), outcome.config, path,
+                    overwrite)
     work = models.get(outcome.config.model).working_copy()
     for name, q in outcome.packed.items():
         layer = work.model.get_submodule(name)
@@ -340,6 +366,7 @@ def spectra(cfg: QuantizeConfig, *, models: ModelCache = MODELS, on_event=None, 
             heads: bool = True) -> Spectra:
     """Spectra of the cached full-precision model on the calibration windows a run with ``cfg`` draws."""
     cfg = cfg.validate()
+    models = cache_for(cfg, models)
     with SLOTS.held(cancel, on_event, "spectra"):
         return _spectra(cfg, models, on_event, cancel, heads)
 
@@ -358,6 +385,6 @@ def _spectra(cfg, models, on_event, cancel, heads) -> Spectra:
 
     _say(on_event, "accumulating Hessians block by block")
     with holding(shared.lock, cancel):
-        return hessian_spectra(shared.loaded.model, shared.loaded.family, ids, batch_size=cfg.batch_size,
+        return hessian_spectra(shared.walkable(), shared.loaded.family, ids, batch_size=cfg.batch_size,
                                device=resolve_device(cfg.device), max_blocks=cfg.max_blocks, heads=heads,
                                damp=cfg.damp, on_block=on_block, cancel=cancel)

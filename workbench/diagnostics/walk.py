@@ -18,6 +18,7 @@ from torch import nn
 from ..engine import advance_stages, block_inputs, to_device
 from ..errors import Cancelled
 from ..models import Family, Stage
+from ..models.streamed import is_streamed
 
 
 @dataclass
@@ -73,7 +74,8 @@ def walk_stages(models: list[nn.Module], family: Family, ids: torch.Tensor, *, b
     for b in range(block_count(models[0], family, max_blocks)):
         if cancel is not None and cancel.is_set():
             raise Cancelled("run cancelled")
-        blocks = [on_device(family.blocks(m)[b], device) for m in models]
+        # a streamed model's block is read from its checkpoint (``--offload disk``; pass a ``view()`` of a shared one)
+        blocks = [m.block(b, device) if is_streamed(m) else on_device(family.blocks(m)[b], device) for m in models]
         gens = [[family.block_forward(blk, h, ctx) for h in hs] for blk, hs in zip(blocks, hidden)]
         while True:
             advanced = [advance_stages(g) for g in gens]

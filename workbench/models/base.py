@@ -48,6 +48,8 @@ class Family:
     context: Callable[[nn.Module, torch.Tensor], Any]   # (model, hidden [b, L, d]) -> ctx
     geometry: Callable[[Any], AttentionGeometry]        # (config) -> heads
     attention_kinds: tuple[str, ...] = field(default=("q", "k", "v"))
+    # modules the model applies after its blocks and before its head, in order (absent ones are skipped)
+    final_modules: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_path(model, self.blocks_path)
@@ -58,6 +60,11 @@ class Family:
     def attention(self, block: nn.Module) -> nn.Module:
         return get_path(block, self.attention_path)
 
+    def finals(self, model: nn.Module) -> list[nn.Module]:
+        """The modules between the last block and the head that the model has."""
+        found = [get_path_or_none(model, p) for p in self.final_modules]
+        return [m for m in found if m is not None]
+
     def layer_name(self, block: int, kind: str) -> str:
         """The module path of a linear in the model: what reports, spectra and errors join on."""
         return f"{self.blocks_path}.{block}.{self.linears[kind]}"
@@ -66,6 +73,14 @@ class Family:
 def get_path(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
+    return obj
+
+
+def get_path_or_none(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
     return obj
 
 

@@ -51,4 +51,5 @@ LLAMA = Family(
     qkv=qkv,
     context=context,
     geometry=geometry,
+    final_modules=("model.norm",),
 )

@@ -119,23 +119,28 @@ def quiet_transformers():
     logging.disable_progress_bar()
 
 
+def model_config(spec: str, source: str, trust_remote_code: bool = False):
+    """The model's config from ``source`` (what ``resolve(spec)`` gave); an unknown model is refused by name."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise WorkbenchError(
+            f"unknown model {spec!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local "
+            f"checkpoint directory, and not found on the hub or in its local cache "
+            f"(offline? set HF_HUB_OFFLINE=1 and pre-download it) [{type(exc).__name__}]") from None
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto",
                trust_remote_code: bool = False, progress=None) -> LoadedModel:
     """The model in the dtype its checkpoint stores (``"auto"``): a float16 or bfloat16 model upcast to
     float32 would take twice the memory, and the solvers work in float32 one layer at a time anyway.
     ``progress(done, total)`` follows the one slow part, an embedded model's conversion on first use
     (a checkpoint loads in a second or two)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     quiet_transformers()
     source = resolve(spec, progress)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise WorkbenchError(
-            f"unknown model {spec!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local "
-            f"checkpoint directory, and not found on the hub or in its local cache "
-            f"(offline? set HF_HUB_OFFLINE=1 and pre-download it) [{type(exc).__name__}]") from None
-    family = family_for(config)
+    family = family_for(model_config(spec, source, trust_remote_code))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         model.eval()

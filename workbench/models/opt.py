@@ -46,4 +46,5 @@ OPT = Family(
     qkv=qkv,
     context=context,
     geometry=geometry,
+    final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
 )
