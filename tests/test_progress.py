@@ -17,7 +17,7 @@ from workbench.export import unique_state
 from workbench.models.loading import load_model
 from workbench.progress import ProgressBars, phase_progress, progress_label
 
-from conftest import tiny_llama
+from tests.conftest import tiny_llama
 
 FAST = dict(calib_samples=2, seqlen=32, bits=4, group_size=16, device="cpu", batch_size=2, method="rtn")
 
