@@ -82,6 +82,7 @@ def test_events_and_cancellation(tiny_checkpoints):
     with pytest.raises(Cancelled):
         workbench.quantize(model=tiny_checkpoints["llama"], method="gptq", on_event=on_event, cancel=cancel,
                            bits=4, group_size=16, **SMALL)
+    events = [e for e in events if e.kind not in ("phase", "progress")]   # loading and perplexity bars
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and events[0].total == 14
     assert kinds.count("layer_finished") == 3
