@@ -77,9 +77,11 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     check_against_model(loaded, cfg)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
-    if ranks.active and calib.shape[0] < ranks.world:
-        raise WorkbenchError(f"--calib-samples {calib.shape[0]} is fewer than the {ranks.world} processes; give each "
-                             f"at least one window")
+    if ranks.active and calib.shape[0] <= (ranks.world - 1) * cfg.batch_size:
+        # the windows go out a batch at a time, so that each rank's batches are the one-process run's
+        raise WorkbenchError(f"--calib-samples {calib.shape[0]} leaves some of the {ranks.world} processes without a "
+                             f"batch of --batch-size {cfg.batch_size}; use more than "
+                             f"{(ranks.world - 1) * cfg.batch_size} windows or a smaller --batch-size")
     evalw = None if cfg.eval_windows < 0 else evaluation_windows(tok, cfg.eval_text, cfg.seqlen, cfg.eval_windows)
     meter = PeakMeter(device).start()     # this run's own peak, not the process's since it started
     pool = ActivationPool.of_gigabytes(cfg.activation_memory)
@@ -114,7 +116,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                                 activations=pool, packed=packed)
         t0 = time.perf_counter()
         with phases("quantize"):
-            result: EngineResult = engine.run(ranks.share(calib))
+            result: EngineResult = engine.run(ranks.share(calib, cfg.batch_size))
         quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
         model_q = work.view(result.packed) if streamed else loaded.model
         ppl_q = None

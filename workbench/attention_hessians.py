@@ -6,11 +6,11 @@ post-RoPE keys rotated into the query's frame. Keys: the same with the roles exc
 ``sum_s R_s^T (sum_{t>=s} q'_t q'_t^T) R_s``. With ``R_t = C_t + S_t J`` (RoPE's cos/sin
 diagonals and its rotate-half permutation J), each term is an elementwise product of a
 per-position moment ``G_u = sum_samples k'_u k'_u^T`` with a table that depends on positions
-only, so only ``G`` is accumulated: ``[n_kv_heads, L, d, d]`` floats per layer.
+only, so only ``G`` is accumulated: ``[n_kv_heads, L, d, d]`` float64 sums per layer.
 
 Value of KV head g: ``H_in^g = sum_{h in g} E[X A_h^T A_h X^T]`` (``[n_kv_heads, d_in, d_in]``);
 its output factor is the identity or ``mean_h W_O,h^T W_O,h`` (``[n_kv_heads, d, d]``).
-Memory per block: 2 x n_kv x L x d^2 (G for keys and queries) + n_kv x d_in^2 (value).
+Memory per block: 2 x n_kv x L x d^2 (G for keys and queries) + n_kv x d_in^2 (value), 8 bytes each.
 """
 from __future__ import annotations
 
@@ -76,7 +76,10 @@ def add_position_moments(G: torch.Tensor, t: torch.Tensor):
     thousands of tiny ones), for ``G [H, L, d, d]`` and ``t [b, H, n, L, d]``."""
     b, H, n, L, d = t.shape
     tt = t.permute(1, 3, 4, 0, 2).reshape(H * L, d, b * n)
-    G.view(H * L, d, d).baddbmm_(tt, tt.transpose(1, 2))
+    if G.dtype == tt.dtype:
+        G.view(H * L, d, d).baddbmm_(tt, tt.transpose(1, 2))
+    else:            # a float64 sum of float32 batch products (see ``AttentionHessians``)
+        G.view(H * L, d, d).add_(torch.bmm(tt, tt.transpose(1, 2)))
 
 
 class AttentionHessians:
@@ -88,9 +91,10 @@ class AttentionHessians:
             raise ValueError(f"value_output must be one of {VALUE_OUTPUTS}")
         g = geometry
         self.geometry, self.value_output = g, value_output
-        self.G_keys = torch.zeros(g.n_kv_heads, seqlen, g.head_dim, g.head_dim, device=device)
+        # float64 sums, as for ``InputCovariance``: the same factors whatever the order of the batches
+        self.G_keys = torch.zeros(g.n_kv_heads, seqlen, g.head_dim, g.head_dim, device=device, dtype=torch.float64)
         self.G_queries = torch.zeros_like(self.G_keys)
-        self.H_value = torch.zeros(g.n_kv_heads, d_in, d_in, device=device)
+        self.H_value = torch.zeros(g.n_kv_heads, d_in, d_in, device=device, dtype=torch.float64)
         self.samples = 0
         self.tokens = 0
         self._buffers: dict[str, torch.Tensor] = {}
@@ -139,6 +143,7 @@ class AttentionHessians:
         out = {"q": {"H_out": repeat_kv(H_q.unsqueeze(0), g.group)[0]},   # query heads share their KV head's
                "k": {"H_out": H_k},
                "v": {"H_in": symmetric_from_upper(self.H_value).mul_(2.0 / n)}}
+        out = {kind: {name: f.float() for name, f in factors.items()} for kind, factors in out.items()}
         if self.value_output == "o_proj" and o_proj_weight is not None:
             Wo = o_proj_weight.float().reshape(-1, g.n_kv_heads, g.group, d)   # columns by (kv head, query head)
             out["v"]["H_out"] = torch.einsum("okgi,okgj->kij", Wo, Wo) / g.group

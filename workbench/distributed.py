@@ -30,9 +30,13 @@ class Ranks:
         """The rank that reports, prints and writes files."""
         return self.rank == 0
 
-    def share(self, ids: torch.Tensor) -> torch.Tensor:
-        """This rank's windows: every ``world``-th, from its own offset."""
-        return ids[self.rank::self.world]
+    def share(self, ids: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+        """This rank's windows: every ``world``-th run of ``chunk``, from its own offset.
+
+        With ``chunk`` the batch size, each rank's batches are batches of the one-process run, row for
+        row, so their products (and, summed in float64, the statistics) come out the same bits."""
+        starts = range(self.rank * chunk, ids.shape[0], self.world * chunk)
+        return torch.cat([ids[s:s + chunk] for s in starts]) if len(starts) else ids[:0]
 
     def sum_(self, *tensors: torch.Tensor | None) -> None:
         """In-place sums over the ranks (None entries skipped)."""

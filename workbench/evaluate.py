@@ -44,7 +44,7 @@ def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu",
     else:
         sums = lambda w: loss_sums(model, w, device, batch_size, progress, cancel)  # noqa: E731
     if ranks is not None and ranks.active:
-        total, count = sums(ranks.share(windows))
+        total, count = sums(ranks.share(windows, batch_size))
         total, count = ranks.sum_numbers(total, count)
     else:
         total, count = sums(windows)

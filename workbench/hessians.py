@@ -1,7 +1,7 @@
 """Streaming second moments of layer inputs: running sums over calibration batches.
 
 Only the sums live across batches, never the activations: ``H_in`` is ``d_in x d_in``
-(float32), the cross moment for inherited-error correction has the same size.
+(summed in float64, read in float32), the cross moment for inherited-error correction has the same size.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ class InputCovariance:
     """``H = 2/n sum_t x_t x_t^T`` and, given a reference stream, ``C = 2/n sum_t (x_ref - x)_t x_t^T``."""
 
     def __init__(self, d: int, device, with_cross: bool = False):
-        self.sum = torch.zeros(d, d, device=device)
-        self.cross = torch.zeros(d, d, device=device) if with_cross else None
+        # float64 sums of float32 batch products: the total no longer depends on the order of the batches
+        # (one process or several, in any order), and the solve reads it back in float32
+        self.sum = torch.zeros(d, d, device=device, dtype=torch.float64)
+        self.cross = torch.zeros(d, d, device=device, dtype=torch.float64) if with_cross else None
         self.n = 0
         self._H: torch.Tensor | None = None    # H as last read; every layer of a stage reads it
 
@@ -41,7 +43,7 @@ class InputCovariance:
         add_gram(self.sum, x2)           # upper blocks only: read it through ``H``
         if self.cross is not None:
             dx = x_ref.reshape(-1, x.shape[-1]).float() - x2
-            self.cross.addmm_(dx.T, x2)
+            self.cross.add_(dx.T @ x2)
         self.n += x2.shape[0]
         self._H = None
 
@@ -55,12 +57,12 @@ class InputCovariance:
     @property
     def H(self) -> torch.Tensor:
         if self._H is None:
-            self._H = symmetric_from_upper(self.sum).mul_(2.0 / max(self.n, 1))
+            self._H = symmetric_from_upper(self.sum).mul_(2.0 / max(self.n, 1)).float()
         return self._H
 
     @property
     def C(self) -> torch.Tensor | None:
-        return None if self.cross is None else self.cross * (2.0 / max(self.n, 1))
+        return None if self.cross is None else (self.cross * (2.0 / max(self.n, 1))).float()
 
 
 def relative_error(dW: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:

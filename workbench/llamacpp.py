@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,12 +31,38 @@ def llama(path: str | os.PathLike, n_ctx: int, threads: int | None = None):
 
     from .export_gguf import find_gguf
     file = find_gguf(Path(path).expanduser())
-    model = Llama(model_path=str(file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                  n_threads=threads or os.cpu_count(), verbose=False)
+    with _plain_cpu_buffers():
+        model = Llama(model_path=str(file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                      n_threads=threads or os.cpu_count(), verbose=False)
     try:
         yield model
     finally:
         model.close()
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _plain_cpu_buffers():
+    """Load with ``use_extra_bufts`` off: llama.cpp's AMX weight buffers crash in the first product on
+    CPUs with AMX (Sapphire Rapids: llama.cpp issue #20824), and ``Llama`` has no argument for it, so
+    its default parameters are wrapped while one model loads. The plain CPU buffers compute the same
+    quantized products (q8_0 activations against the file's blocks)."""
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    with _PARAMS_LOCK:
+        llama_module.llama_cpp.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = default
 
 
 def window_logits(model, ids: torch.Tensor) -> np.ndarray:

@@ -134,7 +134,9 @@ def estimate(cfg, model, copies: int = 1, attention_aware: bool = False, fp_stre
     host = {"model copy": copies * params,
             # inputs and outputs of the current block for every window, kept on the CPU
             "block inputs": 2 * streams * n * L * hidden * f32}
-    work = {"statistics": 4 * widest * widest * f32 + (2 * kv * L * head_dim * head_dim * f32 if attention_aware else 0)}
+    f64 = 8     # the statistics are float64 sums (see ``hessians``), read back in float32
+    work = {"statistics": 2 * widest * widest * (f64 + f32)
+            + (2 * kv * L * head_dim * head_dim * (f64 + f32) if attention_aware else 0)}
     # the attention of a block's forward and the perplexity's logits come one after the other: the larger counts
     transient = {"attention": 2 * b * heads * L * L * f32}
     if cfg.eval_windows >= 0:
