@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     for bits in [int(b) for b in args.bits.split(",")]:
         for n in [int(c) for c in args.calib.split(",")]:
             for method in args.methods.split(","):
-                for extra in parse_extra(args.extra) if method in ("boa", "turboboa") else [{}]:
+                for extra in parse_extra(args.extra) if method == "turboboa" else [{}]:
                     values = {"model": args.model, "method": method, "bits": bits, "group_size": args.group_size,
                               "calib_samples": n, "seqlen": args.seqlen, "max_blocks": args.blocks,
                               "eval_windows": -1, **extra}
