@@ -28,9 +28,12 @@ from .offload import choose as choose_offload
 from .packed_spill import PackedSpill
 from .patterns import matches
 from .progress import phase_progress
+from .quant.activation import OFF as ACT_OFF
 from .quant.grid import GridConfig
 from .quant.weight import QuantizedWeight
 from .report import Report, check_writable
+from .rotate import check_rotatable, rotate_model
+from .transformed import install as install_activation_quantizers
 
 
 @dataclass
@@ -60,6 +63,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if report_path is not None:
         check_writable(report_path)
     if save_dir is not None:
+        check_savable(cfg)
         check_save_dir(save_dir, overwrite, packed=cfg.format == FORMAT_PACKED,
                        bits=cfg.bits if cfg.format == FORMAT_PACKED else None, keep=sources(cfg.model))
     device = resolve_device(cfg.device)
@@ -68,6 +72,9 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         raise WorkbenchError(f"{cfg.method} trains whole blocks on its own windows and is not data-parallel; run it "
                              f"in one process (without torchrun)")
     offload = choose_offload(cfg, loaded)
+    if offload == DISK and cfg.transforms_activations:
+        raise WorkbenchError("the model does not fit in memory, so it would be read from disk a block at a time, and "
+                             "--rotate, --act-bits and --kv-bits set up the whole model; run without them")
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     if loaded is None:
         _say(on_event, f"loading {cfg.model}")
@@ -101,6 +108,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                 if fresh:
                     _FP_PERPLEXITY[key] = ppl_fp
         loaded.model.to("cpu")
+        transforms = transform_activations(loaded, cfg)
         # offloaded: the engine walks its own view of the checkpoint, the codes go to disk as they are made,
         # and with --save each finished block into the export
         work = loaded.model.view() if streamed else loaded.model
@@ -111,7 +119,8 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         engine = BlockQuantizer(work, loaded.family, spec, cfg.grid(), cfg.solver(), device,
                                 cfg.batch_size, cfg.max_blocks, on_event, cancel,
                                 options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
-                                         "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore},
+                                         "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore,
+                                         "act_clip_search": cfg.act_bits < ACT_OFF and cfg.act_clip is None},
                                 ranks=ranks, store=DiskBlocks(work, export) if streamed else None,
                                 activations=pool, packed=packed)
         t0 = time.perf_counter()
@@ -130,7 +139,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                         config={**dataclasses.asdict(cfg), "solver": dataclasses.asdict(cfg.solver()),
                                 "device_resolved": str(device), "torch": torch.__version__, "processes": ranks.world,
                                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-                                "offload_resolved": offload},
+                                "offload_resolved": offload, **transforms},
                         ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
                         peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings,
                         memory=phases.record)
@@ -157,9 +166,35 @@ def _weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def transform_activations(loaded: LoadedModel, cfg: QuantizeConfig) -> dict:
+    """Rotate the model and put the activation and KV quantizers on the layers the run quantizes, as
+    ``cfg`` asks; returns what the report records of it (which rotation each size got)."""
+    if not cfg.transforms_activations:
+        return {}
+    family, model = loaded.family, loaded.model
+    found = {}
+    if cfg.rotate != "none":
+        found["rotation"] = rotate_model(model, family, cfg.rotate, cfg.seed)
+    n = len(family.blocks(model)) if cfg.max_blocks is None else min(cfg.max_blocks, len(family.blocks(model)))
+    layers = [(b, k) for b in range(n) for k in family.linears if not matches(family.layer_name(b, k), cfg.ignore)]
+    install_activation_quantizers(model, family, layers, cfg.activations(), cfg.kv_cache())
+    return found
+
+
+def check_savable(cfg: QuantizeConfig, face: str = "api"):
+    """The checkpoint formats carry weights; a run that also changes the forward cannot be written as one."""
+    from .config import SETTINGS
+    if cfg.transforms_activations:
+        names = ", ".join(SETTINGS[n].who(face) for n in ("rotate", "act_bits", "kv_bits"))
+        raise WorkbenchError(f"this run rotates or quantizes activations at run time ({names}), which the checkpoint "
+                             f"formats do not carry: its weights alone would compute a different model; save a run "
+                             f"without those settings")
+
+
 def save(result: QuantizeResult, cfg: QuantizeConfig, path, overwrite: bool = False, cancel=None, on_event=None):
     """Write the run in ``cfg.format``; returns the export's sizes. An offloaded run is written block by
     block from its checkpoint and codes. ``on_event`` gets progress events."""
+    check_savable(cfg)
     progress = phase_progress(on_event, f"saving {cfg.format}", "tensor")
     if is_streamed(result.model):
         return save_streamed(result.model, result.tokenizer, result.packed, path, cfg.format, cfg.grid(), overwrite,
@@ -197,6 +232,9 @@ def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "a
     if cfg.gguf_type is not None:
         check_gguf_model(loaded.model)
     _check_ignore(loaded, cfg.ignore)
+    if cfg.rotate != "none":
+        from .config import SETTINGS
+        check_rotatable(loaded.family, SETTINGS["rotate"].who(face))
     _check_seqlen(loaded, cfg.seqlen, face)
     _check_memory(loaded, cfg, face, copies)
 

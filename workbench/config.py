@@ -17,9 +17,13 @@ from .methods import INITS, METHODS, LearnedOptions, method_spec
 from .models.loading import DEFAULT_MODEL, EMBEDDED
 from .offload import DISK, OFFLOADS
 from .patterns import pattern_problem
+from .quant.activation import BITS as ACT_BITS
+from .quant.activation import OFF as ACT_OFF
+from .quant.activation import ActivationGrid
 from .quant.grid import SEARCHES, GridConfig
 from .quant.lattice import LATTICES, lattice
 from .quant.solver import SolverConfig
+from .rotate import KINDS as ROTATIONS
 from .settings import Setting, defaults_of, setting, settings_of
 
 _LEARNED = LearnedOptions()
@@ -79,6 +83,19 @@ class QuantizeConfig:
     ignore: tuple[str, ...] = setting((), tuple, "Keep in full precision", "linear layers left unquantized: module "
                                       "names, globs (*.down_proj, model.layers.0.*) or re:REGEX, comma-separated",
                                       check=pattern_problem, group="run")
+    # -- activations: quantized per token at run time, and the rotation that makes them quantizable
+    act_bits: int = setting(ACT_OFF, int, "Activation bits", "bits of every quantized layer's input, per token and "
+                            f"dynamic ({ACT_OFF} = not quantized)", choices=ACT_BITS, group="activations")
+    act_symmetric: bool = setting(False, bool, "Symmetric activations", "symmetric per-token activation grid "
+                                  "(zero in the middle) instead of min/max", group="activations")
+    act_clip: float | None = setting(None, float, "Activation clip", "fraction of each token's range the activation "
+                                     "grid spans, 0.05-1", low=0.05, high=1.0, optional=True,
+                                     none_means="searched per layer on the calibration inputs", group="activations")
+    kv_bits: int = setting(ACT_OFF, int, "KV-cache bits", "bits of the keys and values, per head and token "
+                           f"({ACT_OFF} = not quantized)", choices=ACT_BITS, group="activations")
+    rotate: str = setting("none", str, "Rotation", "rotate the residual stream (fused into the weights) and the "
+                          "inputs of o_proj and down_proj (online) so activations lose their outlier channels: "
+                          "hadamard, random (seeded orthogonal) or none", choices=ROTATIONS, group="activations")
     # -- where and how it runs
     device: str = setting("auto", str, "Device", "auto, cpu, cuda or cuda:N", suggestions=("auto", "cpu", "cuda"),
                           check=device_problem, group="grid")
@@ -138,6 +155,18 @@ class QuantizeConfig:
                                                 "act_order") if getattr(self, k) is not None}
         return dataclasses.replace(base, damp=self.damp, block_size=self.block_size, **chosen)
 
+    def activations(self) -> ActivationGrid:
+        """The per-token grid of the layers' inputs (its clip 1 until searched, when ``act_clip`` is None)."""
+        return ActivationGrid(self.act_bits, self.act_symmetric, 1.0 if self.act_clip is None else self.act_clip)
+
+    def kv_cache(self) -> ActivationGrid:
+        return ActivationGrid(self.kv_bits)
+
+    @property
+    def transforms_activations(self) -> bool:
+        """The run changes the model's forward beyond its weights (what the checkpoint formats do not carry)."""
+        return self.rotate != "none" or self.act_bits < ACT_OFF or self.kv_bits < ACT_OFF
+
     def learned(self) -> dict:
         """Options of the learned-rounding methods that are set."""
         return {k: getattr(self, k) for k in ("iters", "lr", "init") if getattr(self, k) is not None}
@@ -159,6 +188,15 @@ def check_combination(cfg: QuantizeConfig, face: str = "api"):
     for name, s in SETTINGS.items():
         if not s.applies_to(cfg.method) and getattr(cfg, name) != DEFAULTS[name]:
             raise WorkbenchError(f"{s.who(face)} applies to {', '.join(s.methods)}, not {cfg.method}")
+    if cfg.act_bits == ACT_OFF:
+        for name in ("act_symmetric", "act_clip"):
+            if getattr(cfg, name) != DEFAULTS[name]:
+                raise WorkbenchError(f"{SETTINGS[name].who(face)} shapes quantized activations; set "
+                                     f"{SETTINGS['act_bits'].who(face)} to 4, 6 or 8, or leave it out")
+    if cfg.offload == DISK and cfg.transforms_activations:
+        raise WorkbenchError(f"{SETTINGS['offload'].who(face)} disk reads one block at a time, and the rotation and "
+                             f"activation quantizers are set up on the whole model; use "
+                             f"{SETTINGS['offload'].who(face)} none")
     if cfg.offload == DISK and cfg.gguf_type is not None:
         raise WorkbenchError(f"{SETTINGS['format'].who(face)} {cfg.format} is written from the whole model in memory; "
                              f"with {SETTINGS['offload'].who(face)} disk save as pack-quantized or fake-quant")

@@ -7,7 +7,7 @@ pass per block serves every layer. Only the block being worked on sits on the de
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -23,6 +23,9 @@ from .hessians import InputCovariance, relative_error
 from .models import Family, Stage
 from .models.base import attend
 from .patterns import matches
+from .quant.activation import relative_error as activation_error
+from .quant.activation import search_clip
+from .transformed import TransformedLinear, full_precision_copy, online_only, prepare
 from .quant.grid import GridConfig
 from .quant.solver import SolveResult, SolverConfig, SolverError
 from .quant.weight import QuantizedWeight
@@ -228,7 +231,7 @@ class BlockQuantizer:
         strategy = self.method.block or BlockQuantizer.quantize_stages
         for b in range(n_blocks):
             block = store.fetch(b, self.device)
-            fp_block = copy.deepcopy(block) if hidden_fp is not None else None
+            fp_block = full_precision_copy(block) if hidden_fp is not None else None
             hidden, hidden_fp = strategy(self, BlockJob(b, block, fp_block, hidden, hidden_fp, ctx))
             hidden, hidden_fp = self.keep(hidden), self.keep(hidden_fp)
             store.finish(b, block)
@@ -266,11 +269,15 @@ class BlockQuantizer:
         todo = [k for k in kinds if self.quantizes(b, k)]
         if not todo:     # every layer of the stage stays in full precision: no statistics needed
             return
+        act = self.quantize_activations(block, todo, stages)
+        # the statistics of what the matmuls see: the stage's input rotated and quantized as the layers do it
+        first = self.family.linear(block, todo[0])
+        xs = [prepare(first, st.x) for st in stages]
         cov = InputCovariance(stages[0].x.shape[-1], self.device, with_cross=stages_fp is not None)
-        for i, st in enumerate(stages):
-            cov.add(st.x, None if stages_fp is None else stages_fp[i].x)
+        for i, x in enumerate(xs):
+            cov.add(x, None if stages_fp is None else online_only(first, stages_fp[i].x))
         cov.reduce(self.ranks)
-        extra_stats = self.stage_statistics(block, kinds, stages, ctx)
+        extra_stats = self.stage_statistics(block, kinds, stages, ctx, xs)
         self.tick("statistics", t0)
         attention = kinds == self.family.attention_kinds
         fp_weights = {k: self.family.linear(block, k).weight.data.clone() for k in kinds} if attention else None
@@ -278,22 +285,42 @@ class BlockQuantizer:
         for kind in todo:
             self.check_cancel()
             record = self._quantize_layer(b, block, kind, cov, extra_stats.get(kind, {}), solved.get(kind))
+            record.extra.update(act)
             if attention:
                 t1 = time.perf_counter()
                 record.extra["attn_rel_error"] = self.attention_error(block, kind, fp_weights, stages, ctx)
                 self.tick("measure", t1)
             self.emit_finished(record)
 
-    def stage_statistics(self, block, kinds, stages, ctx) -> dict:
-        """Attention-aware Kronecker factors for q/k/v (BoA family), beyond the shared ``H_in``."""
+    def quantize_activations(self, block, todo, stages) -> dict:
+        """For a stage whose inputs are quantized: the clip searched on them (unless given), and the
+        relative error of the quantized input, both for the report."""
+        layers = [self.family.linear(block, k) for k in todo]
+        first = layers[0]
+        if not isinstance(first, TransformedLinear) or not first.act.active:
+            return {}
+        n = max(1, min(len(stages), self.options.get("measure_batches", 2)))
+        raw = [online_only(first, st.x) for st in stages[:n]]
+        if self.options.get("act_clip_search"):
+            clip = search_clip(raw, first.act.bits, first.act.symmetric)
+            clip = self.ranks.broadcast(clip, 0)     # the ranks saw different windows: one clip for all
+            for layer in layers:
+                layer.act = dataclasses.replace(layer.act, clip=clip)
+        num = sum(activation_error(x, first.act(x)) * float(x.float().pow(2).sum()) for x in raw)
+        den = sum(float(x.float().pow(2).sum()) for x in raw)
+        return {"act_rel_error": num / den if den > 0 else 0.0, "act_clip": first.act.clip}
+
+    def stage_statistics(self, block, kinds, stages, ctx, xs) -> dict:
+        """Attention-aware Kronecker factors for q/k/v (BoA family), beyond the shared ``H_in``; ``xs`` are the
+        stage's inputs as the layers' matmuls see them."""
         if not self.method.attention_aware or kinds != self.family.attention_kinds:
             return {}
         attn = self.family.attention(block)
         acc = AttentionHessians(self.geometry, stages[0].x.shape[1], stages[0].x.shape[-1], self.device,
                                 self.options.get("value_output", "identity"))
-        for st in stages:
+        for st, x in zip(stages, xs):
             q, k, _ = self.family.qkv(attn, st.x, ctx)
-            acc.add(st.x.float(), q.float(), k.float(), attn.scaling)
+            acc.add(x.float(), q.float(), k.float(), attn.scaling)
         acc.reduce(self.ranks)
         cos, sin = (None, None) if ctx is None else (ctx[0][0].float(), ctx[1][0].float())
         return acc.finish(cos, sin, self.family.linear(block, "o").weight.data)

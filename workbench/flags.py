@@ -10,7 +10,8 @@ import argparse
 from .config import DEFAULTS, SETTINGS, build_config
 from .settings import GROUPS
 
-SECTIONS = {"model": "model and data", "data": "model and data", "grid": "grid and scope", "run": "run",
+SECTIONS = {"model": "model and data", "data": "model and data", "grid": "grid and scope",
+            "activations": "activations and rotation (weight-activation quantization)", "run": "run",
             "solver": "solver (GPTQ / BoA / TurboBoA; empty: the method's default)",
             "learned": "aespa / BRECQ (learned rounding)"}
 

@@ -19,7 +19,7 @@ from .errors import WorkbenchError
 
 FACES = ("cli", "api", "app", "widgets")
 FORM_FACES = ("app", "widgets")
-GROUPS = ("model", "data", "grid", "run", "solver", "learned")   # form sections, in order
+GROUPS = ("model", "data", "grid", "activations", "run", "solver", "learned")   # form sections, in order
 TRUE, FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 METHOD_DEFAULT = "method default"      # what an optional choice shows for None in a form
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..engine import BlockJob, BlockQuantizer
 from ..hessians import InputCovariance
 from ..models.base import get_path
 from ..quant.rounding import LearnedRounding, optimize_rounding
+from ..transformed import linear_through, prepare, quantizes_activations
 from .learned import LearnedOptions
 
 
@@ -31,21 +31,24 @@ class SoftLinear(nn.Module):
         self.linear, self.rounder = linear, rounder
 
     def forward(self, x):
-        return F.linear(x, self.rounder().to(x.dtype), self.linear.bias)
+        return linear_through(self.linear, x, self.rounder().to(x.dtype))
 
 
-def run_block(family, block, h, ctx, covs: dict | None = None):
-    """The block's output for ``h``; with ``covs``, accumulates each stage's input covariance."""
+def run_block(family, block, h, ctx, covs: dict | None = None, stages: dict | None = None):
+    """The block's output for ``h``; with ``covs``, accumulates each stage's input covariance (of the input its
+    linears' matmuls see); with ``stages``, collects each stage by its kinds."""
     gen = family.block_forward(block, h, ctx)
     while True:
         try:
             stage = next(gen)
         except StopIteration as stop:
             return stop.value
+        if stages is not None:
+            stages.setdefault(stage.kinds, []).append(stage)
         if covs is not None:
             if stage.kinds not in covs:
                 covs[stage.kinds] = InputCovariance(stage.x.shape[-1], stage.x.device)
-            covs[stage.kinds].add(stage.x)
+            covs[stage.kinds].add(prepare(family.linear(block, stage.kinds[0]), stage.x))
 
 
 def brecq_block(engine: BlockQuantizer, job: BlockJob):
@@ -59,6 +62,7 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
         return [run_block(fam, block, h, ctx).cpu() for h in inputs], None
 
     t0 = time.perf_counter()
+    act = _quantize_activations(engine, block, kinds, inputs, ctx)
     covs: dict = {}
     targets = [run_block(fam, block, h, ctx, covs) for h in inputs]
     norms = [float((t - h).pow(2).sum()) or 1.0 for t, h in zip(targets, inputs)]
@@ -111,7 +115,7 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
         dW = q.dequantize() - fp_weights[k]
         record = engine.record(block, b, k, q, fp_weights[k], H[k], float(((dW @ H[k]) * dW).sum()),
                                seconds / len(kinds),
-                               {"block_loss_before": before, "block_loss_after": after,
+                               {**act.get(k, {}), "block_loss_before": before, "block_loss_after": after,
                                 "final_step_loss": hist.final_loss, "iters": opts.iters, "block_seconds": seconds})
         if k != kinds[0]:
             engine.emit(kind="layer_started", block=b, layer=record.name, layer_kind=k)
@@ -121,6 +125,23 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
     outs = [run_block(fam, block, h, ctx).cpu() for h in inputs]
     engine.tick("forward", t0)
     return outs, None
+
+
+def _quantize_activations(engine: BlockQuantizer, block, kinds, inputs, ctx) -> dict:
+    """The engine's activation clip and error per stage (see ``BlockQuantizer.quantize_activations``), from
+    one pass over the measure batches; by kind."""
+    if not quantizes_activations(block):
+        return {}
+    seen: dict = {}
+    for h in inputs[:max(1, engine.options.get("measure_batches", 2))]:
+        run_block(engine.family, block, h, ctx, stages=seen)
+    out = {}
+    for stage_kinds, stages in seen.items():
+        todo = [k for k in stage_kinds if k in kinds]
+        if todo:
+            found = engine.quantize_activations(block, todo, stages)
+            out.update({k: found for k in todo})
+    return out
 
 
 def _swap(family, block, kind, module):

@@ -37,6 +37,20 @@ class AttentionGeometry:
 
 
 @dataclass(frozen=True)
+class ResidualLayout:
+    """Where a pre-norm decoder's residual stream is read and written: what rotating the stream touches
+    (see ``workbench.rotate``). Paths are from the model (embedding, head, final norm) or from a block."""
+    embedding: str
+    head: str
+    final_norm: str
+    norms: tuple[tuple[str, tuple[str, ...]], ...]   # a block's norm -> the linears that read its output
+    writers: tuple[str, ...]                          # linears whose output is added to the stream
+    value: str = "v"                                  # its output heads are rotated, and o_proj's input with them
+    attention_out: str = "o"
+    mlp_out: str = "down"
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
@@ -50,6 +64,9 @@ class Family:
     attention_kinds: tuple[str, ...] = field(default=("q", "k", "v"))
     # modules the model applies after its blocks and before its head, in order (absent ones are skipped)
     final_modules: tuple[str, ...] = ()
+    # the residual stream's layout when it can be rotated exactly (RMSNorm without bias), else None and why not
+    residual: ResidualLayout | None = None
+    not_rotatable: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_path(model, self.blocks_path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .base import AttentionGeometry, Family, Stage, attend, split_heads
+from .base import AttentionGeometry, Family, ResidualLayout, Stage, attend, split_heads
 
 
 def geometry(config) -> AttentionGeometry:
@@ -52,4 +52,7 @@ LLAMA = Family(
     context=context,
     geometry=geometry,
     final_modules=("model.norm",),
+    residual=ResidualLayout(embedding="model.embed_tokens", head="lm_head", final_norm="model.norm",
+                            norms=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("gate", "up"))),
+                            writers=("o", "down")),
 )

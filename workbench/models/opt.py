@@ -47,4 +47,6 @@ OPT = Family(
     context=context,
     geometry=geometry,
     final_modules=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+    not_rotatable="its LayerNorms subtract the mean and add a bias, which do not commute with a rotation of the "
+                  "residual stream",
 )

@@ -18,7 +18,7 @@ from .exposure import EXPOSURE
 FACE = "app"
 # a quick look that finishes in a minute or two on a CPU; every value can be raised in the form
 APP_START = dict(calib_samples=8, seqlen=256, eval_windows=4, max_blocks=2)
-ROWS = (("model", "data"), ("grid",))     # the rows above the tabs; "run" goes into More settings
+ROWS = (("model", "data"), ("grid",), ("activations",))     # the rows above the tabs; "run" goes into More settings
 METHOD_GROUPS = ("solver", "learned")    # placed by the Quantize tab
 
 
