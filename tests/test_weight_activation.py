@@ -175,3 +175,23 @@ def test_a_transformed_run_is_not_saved(tiny_checkpoints, tmp_path):
     with pytest.raises(WorkbenchError, match="--rotate"):
         workbench.quantize(model=tiny_checkpoints["llama"], method="rtn", rotate="hadamard", save_dir=out, **SMALL)
     assert not out.exists()
+
+
+def test_the_outlier_picture_shows_what_rotation_removes(tokenizer):
+    from workbench.diagnostics.outliers import outliers_before_after
+    from workbench.figures import outlier_figure
+    from workbench.figures.outliers import peak_ratio
+    from workbench.models.loading import LoadedModel
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :3] *= 30
+    loaded = LoadedModel("tiny", model, tokenizer, family_for(model.config), "tiny")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    found = outliers_before_after(loaded, 1, "q", ids)
+    assert found["before"].shape == found["after"].shape == (64,)
+    assert peak_ratio(found["before"]) > 5 * peak_ratio(found["after"])
+    assert torch.equal    # the model itself is not rotated(model.model.embed_tokens.weight[:, 3:], tiny_llama().model.embed_tokens.weight[:, 3:])
+    fig = outlier_figure(found["before"], found["after"])
+    assert len(fig.data) == 2 and all(len(t.y) == 64 for t in fig.data)
+    with pytest.raises(WorkbenchError, match="blocks 0 to 1"):
+        outliers_before_after(loaded, 5, "q", ids)

@@ -9,7 +9,10 @@ import pandas as pd
 
 from .. import workspace
 from ..errors import WorkbenchError
-from ..figures import condition_heatmap, empty_figure, error_vs_spectrum, head_spectra_figure, spectrum_figure
+from ..data import calibration_windows
+from ..diagnostics.outliers import outliers_before_after
+from ..figures import (condition_heatmap, empty_figure, error_vs_spectrum, head_spectra_figure, outlier_figure,
+                       spectrum_figure)
 from ..progress import progress_label
 from . import text
 from .form import Form
@@ -18,6 +21,9 @@ from .views import TabView, error_text, message_html, progress_html
 SUMMARIES = [("condition number", "condition"), ("condition (damped, as the solver sees it)", "condition_damped"),
              ("effective rank", "effective_rank"), ("top-1% share of the trace", "top1_share")]
 FACTORS = [("q: H_out per query head", "q"), ("k: H_out per KV head", "k"), ("v: H_in per KV head", "v")]
+OUTLIER_INPUTS = [("q, k, v (attention input)", "q"), ("o (attention output)", "o"), ("gate, up (MLP input)", "gate"),
+                  ("down (MLP hidden)", "down")]
+OUTLIER_WINDOWS = 4        # calibration windows the picture is taken on: maxima settle within a few
 ERRORS = [("calibration error (report)", "rel_error"), ("held-out error", "heldout_rel_error")]
 
 
@@ -53,6 +59,22 @@ def build_inspect_tab(form: Form, session: gr.State, models: workspace.ModelCach
                           elem_id="wb-i-scatter", label="Error vs spectrum")
     view = InspectView(status, progress, layer, spectrum, heads, heatmap, scatter)
 
+    gr.Markdown(text.OUTLIERS)
+    with gr.Row():
+        o_run = gr.Button("Show activation outliers", elem_id="wb-i-outliers-run", scale=1)
+        o_block = gr.Number(0, precision=0, minimum=0, label="Block", elem_id="wb-i-outliers-block", scale=1)
+        o_kind = gr.Dropdown(OUTLIER_INPUTS, value="q", label="Input of", elem_id="wb-i-outliers-kind", scale=2)
+        o_rotate = gr.Radio(["hadamard", "random"], value="hadamard", label="Rotation", elem_id="wb-i-outliers-rot",
+                            scale=1)
+    o_status = gr.HTML(elem_id="wb-i-outliers-status")
+    o_plot = gr.Plot(empty_figure("Activation outliers", "press Show activation outliers"), elem_id="wb-i-outliers",
+                     label="Activation outliers")
+
+    def on_outliers(block, kind, rotate, *values):
+        return show_outliers(models, form, block, kind, rotate, values)
+
+    o_run.click(on_outliers, [o_block, o_kind, o_rotate, *form.inputs()], [o_status, o_plot], show_progress="hidden")
+
     def on_compute(sess, layer_name, fac, summ, e, *values):
         yield from stream_spectra(sess, models, form, view, layer_name, fac, summ, e, values)
 
@@ -66,6 +88,23 @@ def build_inspect_tab(form: Form, session: gr.State, models: workspace.ModelCach
     def refresh(sess, summ, e):   # new runs may have finished in other tabs since the last look
         return across_figures(sess, summ, e)
     return view, (refresh, [session, summary, err], [heatmap, scatter])
+
+
+def show_outliers(models: workspace.ModelCache, form: Form, block, kind, rotate, values):
+    """(status, figure): the channel maxima of ``kind``'s input in ``block``, before and after ``rotate``."""
+    try:
+        config = form.config(values, "gptq")
+        shared = models.get(config.model)
+        ids = calibration_windows(shared.tokenizer, config.calib, min(config.calib_samples, OUTLIER_WINDOWS),
+                                  config.seqlen, config.seed)
+        found = outliers_before_after(shared.working_copy(), int(block or 0), kind, ids, rotate, config.seed,
+                                      config.batch_size, in_place=True)
+    except WorkbenchError as exc:
+        return message_html(str(exc), "error"), empty_figure("Activation outliers", "see the message above")
+    sizes = ", ".join(f"{k} {v}" for k, v in found["rotation"].items())
+    title = f"Input of {kind}, block {int(block or 0)}: max |x| per channel"
+    return (message_html(f"{ids.shape[0]} calibration windows of {config.seqlen} tokens; rotation: {sizes}", "ok"),
+            outlier_figure(found["before"], found["after"], title))
 
 
 def _block_of(spectra, name):

@@ -29,6 +29,11 @@ shared scale: darker is better). Results are kept per settings: running the same
 COMPARE_ON_RAY = """*On Ray ({address}):* the methods not yet in this page's cache run at once, one Ray task each
 (one CPU apiece), like a four-point `workbench sweep`; each task loads the model in its own worker."""
 
+OUTLIERS = """**Activation outliers.** Per input channel of one layer, the largest |x| over a few calibration
+windows of the full-precision model, before and after rotating it (`--rotate`). A per-token activation grid
+spans the token's largest value, so a few channels hundreds of times larger than the median leave the others
+a handful of levels; the rotation spreads them over all channels (the legend gives max / median)."""
+
 INSPECT = """**Why some layers are hard.** A solver compensates rounding along the directions its Hessian
 says matter. The **spectrum** (eigenvalues of `H_in`, largest first, log scale) shows how unevenly the
 input energy is spread: a few huge eigenvalues mean outlier features dominate. The **condition number**
