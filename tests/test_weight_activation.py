@@ -195,3 +195,21 @@ def test_the_outlier_picture_shows_what_rotation_removes(tokenizer):
     assert len(fig.data) == 2 and all(len(t.y) == 64 for t in fig.data)
     with pytest.raises(WorkbenchError, match="blocks 0 to 1"):
         outliers_before_after(loaded, 5, "q", ids)
+
+
+def test_the_app_runs_a_rotated_run_measures_it_in_its_own_basis_and_tries_it(tiny_checkpoints, tmp_path):
+    from workbench import tryit, workspace
+    models = workspace.ModelCache()
+    errors = {}
+    for rotate in ("none", "hadamard"):
+        cfg = QuantizeConfig(model=tiny_checkpoints["llama"], method="gptq", act_bits=8, rotate=rotate, **SMALL)
+        outcome = workspace.run(cfg, models=models)
+        errors[rotate] = outcome.layers["heldout_rel_error"].tolist()
+    # at 8-bit activations both runs are close to their full-precision models; compared in the wrong basis the
+    # rotated run's layers would be off by the size of their outputs
+    assert all(0 < e < 0.05 for e in errors["hadamard"])
+    diff = tryit.try_outcome(outcome, prompt="The history of", tokens=8, models=models)
+    assert 1 <= len(diff.quant.tokens) <= 8 and 1 <= len(diff.fp.tokens) <= 8
+    with pytest.raises(WorkbenchError, match="rotates or quantizes activations"):
+        workspace.save_outcome(outcome, tmp_path / "out", models=models)
+    assert not (tmp_path / "out").exists()

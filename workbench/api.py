@@ -181,6 +181,20 @@ def transform_activations(loaded: LoadedModel, cfg: QuantizeConfig) -> dict:
     return found
 
 
+def rebuild_transformed(work: LoadedModel, cfg: QuantizeConfig, layers, packed: dict) -> torch.nn.Module:
+    """A run that transforms activations, rebuilt on ``work`` (a private full-precision copy, changed in
+    place) from its codes: rotated and given its quantizers as the run did, each with the clip the run chose
+    (``layers``: the report's records)."""
+    transform_activations(work, cfg)
+    clips = {r.name: r.extra["act_clip"] for r in layers if "act_clip" in r.extra}
+    for name, q in packed.items():
+        layer = work.model.get_submodule(name)
+        layer.weight.data = q.dequantize().to(layer.weight.dtype)
+        if name in clips:
+            layer.act = dataclasses.replace(layer.act, clip=clips[name])
+    return work.model.eval()
+
+
 def check_savable(cfg: QuantizeConfig, face: str = "api"):
     """The checkpoint formats carry weights; a run that also changes the forward cannot be written as one."""
     from .config import SETTINGS

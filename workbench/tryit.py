@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .api import QuantizeResult
+from .api import QuantizeResult, rebuild_transformed
 from .errors import WorkbenchError
 from .generate import Continuation, GenerateConfig, GenerationDiff, check_positions, compare, generate_config, greedy, \
     prompt_ids, stop_ids
@@ -90,12 +90,18 @@ def _entry(shared: SharedModel, cancel=None) -> _Entry:
     return entry
 
 
-def _quantized(shared: SharedModel, packed: dict, cancel=None) -> nn.Module:
+def _quantized(shared: SharedModel, outcome: Outcome, cancel=None) -> nn.Module:
     entry = _entry(shared, cancel)
+    packed = outcome.packed
     if entry.packed is not packed:
         for other in list(_ENTRIES.values()):      # one quantized model in the process
             other.packed = other.quant = None
-        entry.quant, entry.packed = with_codes(entry.view, packed), packed
+        if outcome.config.transforms_activations:   # rotated weights over all tensors: a full copy of its own
+            entry.quant = rebuild_transformed(shared.working_copy(cancel), outcome.config, outcome.report.layers,
+                                              packed)
+        else:
+            entry.quant = with_codes(entry.view, packed)
+        entry.packed = packed
     return entry.quant
 
 
@@ -159,7 +165,7 @@ def try_outcomes(outcomes: list[Outcome], gen: GenerateConfig | None = None, *, 
             fp = entry.fp(ids, gen.tokens, stop, cancel)
             out = {}
             for o in outcomes:
-                quant = _quantized(shared, o.packed, cancel)
+                quant = _quantized(shared, o, cancel)
                 out[o.method] = compare(view, quant, ids, gen.tokens, stop, cancel=cancel, fp=fp)
         return out
 

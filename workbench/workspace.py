@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .api import QuantizeResult, check_against_model, conversion_progress, quantize, save
+from .api import QuantizeResult, check_against_model, check_savable, conversion_progress, quantize, save
 from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
@@ -39,6 +39,7 @@ from .models.streamed import is_streamed, load_streamed
 from .offload import AUTO, DISK
 from .offload import choose as choose_offload
 from .report import Report
+from .rotate import rotate_model
 
 HELDOUT_MAX = 8     # held-out windows for reconstruction errors: those of the perplexity, at most this many
 
@@ -335,8 +336,12 @@ def _run(cfg, models, on_event, cancel, heldout) -> Outcome:
     _say(on_event, f"{cfg.method}: measuring errors on held-out windows")
     ids = evaluation_windows(shared.tokenizer, cfg.eval_text, cfg.seqlen, heldout or default_heldout(cfg))
     _check(cancel)
+    reference = shared.walkable()
+    if cfg.rotate != "none":    # layer by layer, the rotated run is compared in its own basis: the rotated fp model
+        reference = shared.working_copy(cancel).model
+        rotate_model(reference, shared.loaded.family, cfg.rotate, cfg.seed)
     with holding(shared.lock, cancel):
-        recon = reconstruction_errors(shared.walkable(), result.model, shared.loaded.family, ids,
+        recon = reconstruction_errors(reference, result.model, shared.loaded.family, ids,
                                       batch_size=cfg.batch_size, device=resolve_device(cfg.device),
                                       max_blocks=cfg.max_blocks, cancel=cancel,
                                       progress=phase_progress(on_event, f"{cfg.method}: held-out errors", "block"))
@@ -347,6 +352,7 @@ def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelC
     """Write a finished run as ``workbench quantize --save`` does, in the run's format: the cached
     model with the run's codes in place of its quantized layers. Returns the export's sizes;
     ``on_event`` gets the export's progress events."""
+    check_savable(outcome.config)
     if outcome.packed is None:
         raise WorkbenchError("this run's quantized weights are no longer kept; run it again to save it")
     if outcome.report.config.get("offload_resolved") == DISK:     # written block by block from the checkpoint
