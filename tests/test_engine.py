@@ -44,7 +44,7 @@ def test_gptq_error_below_rtn_on_tiny_llama(tiny_checkpoints):
 class Capturing(BlockQuantizer):
     """Keeps the q/k/v-stage inputs the engine calibrated each block on."""
 
-    def stage_statistics(self, block, kinds, stages, ctx):
+    def stage_statistics(self, block, kinds, stages, ctx, xs):
         if kinds[0] == "q":
             self.seen = getattr(self, "seen", []) + [torch.cat([s.x for s in stages])]
         return {}

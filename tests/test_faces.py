@@ -52,6 +52,11 @@ BAD = [
     ("offload", "ram", "gptq", "must be one of none, disk, auto, got 'ram'"),
     ("activation_memory", -1, "gptq", "must be at least 0.0, got -1.0"),
     ("activation_memory", "lots", "gptq", "must be a number, got 'lots'"),
+    ("act_bits", 5, "gptq", "must be one of 4, 6, 8, 16, got 5"),
+    ("act_symmetric", "maybe", "gptq", "must be on or off, got 'maybe'"),
+    ("act_clip", 1.5, "gptq", "must be between 0.05 and 1.0, got 1.5"),
+    ("kv_bits", 3, "gptq", "must be one of 4, 6, 8, 16, got 3"),
+    ("rotate", "givens", "gptq", "must be one of none, hadamard, random, got 'givens'"),
 ]
 IDS = [f"{f}={v!r}" for f, v, _, _ in BAD]
 
