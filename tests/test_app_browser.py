@@ -236,6 +236,10 @@ def test_quantize_compare_inspect_in_a_browser(app_url, browser, runs_dir):
     assert page.locator("#wb-i-heads .scatterlayer .trace").count() == 4             # query heads
     assert page.locator("#wb-i-heatmap .heatmaplayer .hm").count() == 1
     assert page.locator("#wb-i-scatter .scatterlayer .trace").count() == 4           # one per method run
+    # the activation-outlier picture: a layer's input channels before and after rotation
+    page.locator("#wb-i-outliers-run").click()
+    page.wait_for_selector("#wb-i-outliers-status .wb-ok")
+    assert page.locator("#wb-i-outliers .scatterlayer .trace").count() == 2
     _shot(page, "app-inspect.png")
 
     # aespa: its rounding options come with it, and a short run draws every layer

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import WorkbenchError
 from .models.base import Family, get_path
-from .quant.hadamard import Rotation, rotation
+from .quant.hadamard import Rotation, is_power_of_two, rotation
 from .transformed import TransformedLinear
 
 KINDS = ("none", "hadamard", "random")
@@ -33,7 +33,7 @@ def describe(rot: Rotation) -> str:
     p, m = rot.orders
     if rot.kind == "random":
         return "random orthogonal"
-    return f"hadamard {p}x{m}" if p > 1 else "hadamard (Sylvester)"
+    return "hadamard (Sylvester)" if is_power_of_two(p) else f"hadamard {p}x{m}"
 
 
 @torch.no_grad()

@@ -122,3 +122,10 @@ def test_sizes_without_a_factorization_fall_back_to_random(n):
 def test_bad_kind_names_the_choices():
     with pytest.raises(ValueError, match="hadamard, random"):
         rotation(64, "givens")
+
+
+def test_a_large_power_of_two_is_two_sylvester_factors_and_still_sylvester():
+    from workbench.quant.hadamard import normalized
+    rot = rotation(4096, "hadamard")
+    assert rot.orders == (64, 64)
+    assert torch.equal(rot.matrix(torch.float64), normalized(sylvester(4096)))

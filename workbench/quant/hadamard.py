@@ -33,6 +33,9 @@ def is_prime(n: int) -> bool:
     return all(n % d for d in range(2, math.isqrt(n) + 1))
 
 
+SPLIT_ABOVE = 256     # a Sylvester order beyond this is applied as two smaller Sylvester factors
+
+
 def sylvester(n: int) -> torch.Tensor:
     """The ±1 Hadamard matrix of order ``n = 2^k`` (int64), built as ``H_2 ⊗ H_2 ⊗ ...``."""
     if not isinstance(n, int) or not is_power_of_two(n):
@@ -215,4 +218,8 @@ def rotation(n: int, kind: str, seed: int = 0) -> Rotation:
     if factors is None:
         return Rotation("random", n, haar_orthogonal(n, seed), torch.ones(1, 1, dtype=torch.float64))
     p, m = factors
+    if p == 1 and m > SPLIT_ABOVE:
+        # H_2^(a+b) = H_2^a ⊗ H_2^b: two factors near sqrt(n) cost n (2 sqrt n) per row, not n^2
+        p = 1 << ((m.bit_length() - 1) // 2)
+        return Rotation("hadamard", n, normalized(sylvester(p)), normalized(sylvester(m // p)))
     return Rotation("hadamard", n, normalized(base_hadamard(p)), normalized(sylvester(m)))

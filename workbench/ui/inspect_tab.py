@@ -100,7 +100,7 @@ def show_outliers(models: workspace.ModelCache, form: Form, block, kind, rotate,
         found = outliers_before_after(shared.working_copy(), int(block or 0), kind, ids, rotate, config.seed,
                                       config.batch_size, in_place=True)
     except WorkbenchError as exc:
-        return message_html(str(exc), "error"), empty_figure("Activation outliers", "see the message above")
+        return message_html(error_text(exc), "error"), empty_figure("Activation outliers", "see the message above")
     sizes = ", ".join(f"{k} {v}" for k, v in found["rotation"].items())
     title = f"Input of {kind}, block {int(block or 0)}: max |x| per channel"
     return (message_html(f"{ids.shape[0]} calibration windows of {config.seqlen} tokens; rotation: {sizes}", "ok"),
