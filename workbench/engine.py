@@ -25,11 +25,11 @@ from .models.base import attend
 from .patterns import matches
 from .quant.activation import relative_error as activation_error
 from .quant.activation import search_clip
-from .transformed import TransformedLinear, full_precision_copy, online_only, prepare
 from .quant.grid import GridConfig
 from .quant.solver import SolveResult, SolverConfig, SolverError
 from .quant.weight import QuantizedWeight
 from .report import LayerRecord
+from .transformed import TransformedLinear, full_precision_copy, online_only, prepare
 
 
 @dataclass
@@ -300,15 +300,13 @@ class BlockQuantizer:
         if not isinstance(first, TransformedLinear) or not first.act.active:
             return {}
         n = max(1, min(len(stages), self.options.get("measure_batches", 2)))
-        raw = [online_only(first, st.x) for st in stages[:n]]
+        raw = torch.cat([online_only(first, st.x) for st in stages[:n]])
         if self.options.get("act_clip_search"):
-            clip = search_clip(raw, first.act.bits, first.act.symmetric)
+            clip = search_clip([raw], first.act.bits, first.act.symmetric)
             clip = self.ranks.broadcast(clip, 0)     # the ranks saw different windows: one clip for all
             for layer in layers:
                 layer.act = dataclasses.replace(layer.act, clip=clip)
-        num = sum(activation_error(x, first.act(x)) * float(x.float().pow(2).sum()) for x in raw)
-        den = sum(float(x.float().pow(2).sum()) for x in raw)
-        return {"act_rel_error": num / den if den > 0 else 0.0, "act_clip": first.act.clip}
+        return {"act_rel_error": activation_error(raw, first.act(raw)), "act_clip": first.act.clip}
 
     def stage_statistics(self, block, kinds, stages, ctx, xs) -> dict:
         """Attention-aware Kronecker factors for q/k/v (BoA family), beyond the shared ``H_in``; ``xs`` are the

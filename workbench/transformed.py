@@ -24,8 +24,10 @@ class TransformedLinear(nn.Linear):
     @classmethod
     def of(cls, layer: nn.Linear) -> "TransformedLinear":
         """``layer`` itself, turned into a transformed linear that changes nothing yet (weights shared)."""
-        if not isinstance(layer, cls):
+        if type(layer) is nn.Linear:     # a plain linear only: a subclass's own forward would be lost
             layer.__class__ = cls
+        elif not isinstance(layer, cls):
+            raise TypeError(f"cannot transform the input of a {type(layer).__name__}; only nn.Linear layers")
         return layer
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
