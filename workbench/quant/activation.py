@@ -14,6 +14,7 @@ import torch
 OFF = 16                                       # act/kv bits that mean "not quantized"
 BITS = (4, 6, 8, OFF)
 CLIP_CANDIDATES = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))     # 1.0 down to 0.5
+SEARCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -33,18 +34,19 @@ class ActivationGrid:
 def fake_quantize_tokens(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0) -> torch.Tensor:
     """``x`` rounded to a per-row grid of ``bits`` over its last dimension, in x's dtype."""
     xf = x.float()
+    # every op after the first works in place on one buffer: this runs on every linear's input in evaluation
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = (xf.abs().amax(-1, keepdim=True) * clip / qmax).clamp_min(1e-8)
-        q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
-        return _through(x, q * scale)
+        scale = xf.abs().amax(-1, keepdim=True).mul_(clip / qmax).clamp_min_(1e-8)
+        q = xf.div(scale).round_().clamp_(-qmax - 1, qmax)
+        return _through(x, q.mul_(scale))
     levels = 2 ** bits - 1
-    lo = (xf.amin(-1, keepdim=True) * clip).clamp_max(0.0)
-    hi = (xf.amax(-1, keepdim=True) * clip).clamp_min(0.0)
-    scale = ((hi - lo) / levels).clamp_min(1e-8)
-    zero = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(xf / scale) + zero, 0, levels)
-    return _through(x, (q - zero) * scale)
+    lo, hi = torch.aminmax(xf, dim=-1, keepdim=True)
+    lo, hi = lo.mul_(clip).clamp_max_(0.0), hi.mul_(clip).clamp_min_(0.0)
+    scale = hi.sub_(lo).div_(levels).clamp_min_(1e-8)
+    zero = lo.div_(scale).neg_().round_()
+    q = xf.div(scale).round_().add_(zero).clamp_(0, levels)
+    return _through(x, q.sub_(zero).mul_(scale))
 
 
 def _through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
@@ -69,12 +71,14 @@ def relative_error(x: torch.Tensor, xq: torch.Tensor) -> float:
 
 
 def search_clip(samples: list[torch.Tensor], bits: int, symmetric: bool,
-                candidates: tuple[float, ...] = CLIP_CANDIDATES) -> float:
-    """The clip ratio of ``candidates`` with the least squared error on ``samples`` (ties: the larger)."""
+                candidates: tuple[float, ...] = CLIP_CANDIDATES, rows: int = SEARCH_ROWS) -> float:
+    """The clip ratio of ``candidates`` with the least squared error on ``samples`` (ties: the larger), on at most
+    ``rows`` tokens of them taken evenly (one scalar: a thousand tokens choose it as well as all)."""
+    tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in samples]).float()
+    tokens = tokens[::max(1, tokens.shape[0] // rows)]
     best, best_err = 1.0, float("inf")
     for c in candidates:
-        err = sum(float((fake_quantize_tokens(x, bits, symmetric, c).float() - x.float()).pow(2).sum())
-                  for x in samples)
+        err = float((fake_quantize_tokens(tokens, bits, symmetric, c) - tokens).pow(2).sum())
         if err < best_err:
             best, best_err = c, err
     return best
