@@ -186,13 +186,19 @@ def rebuild_transformed(work: LoadedModel, cfg: QuantizeConfig, layers, packed: 
     place) from its codes: rotated and given its quantizers as the run did, each with the clip the run chose
     (``layers``: the report's records)."""
     transform_activations(work, cfg)
-    clips = {r.name: r.extra["act_clip"] for r in layers if "act_clip" in r.extra}
-    for name, q in packed.items():
-        layer = work.model.get_submodule(name)
-        layer.weight.data = q.dequantize().to(layer.weight.dtype)
-        if name in clips:
-            layer.act = dataclasses.replace(layer.act, clip=clips[name])
+    put_codes(work.model, packed)
+    for r in layers:
+        if "act_clip" in r.extra:
+            layer = work.model.get_submodule(r.name)
+            layer.act = dataclasses.replace(layer.act, clip=r.extra["act_clip"])
     return work.model.eval()
+
+
+def put_codes(model: torch.nn.Module, packed: dict):
+    """Each layer of ``packed`` in ``model`` takes its dequantized codes as its weight (in place)."""
+    for name, q in packed.items():
+        layer = model.get_submodule(name)
+        layer.weight.data = q.dequantize().to(layer.weight.dtype)
 
 
 def check_savable(cfg: QuantizeConfig, face: str = "api"):

@@ -302,7 +302,7 @@ class BlockQuantizer:
         n = max(1, min(len(stages), self.options.get("measure_batches", 2)))
         raw = torch.cat([online_only(first, st.x) for st in stages[:n]])
         if self.options.get("act_clip_search"):
-            clip = search_clip([raw], first.act.bits, first.act.symmetric)
+            clip = search_clip(raw, first.act.bits, first.act.symmetric)
             clip = self.ranks.broadcast(clip, 0)     # the ranks saw different windows: one clip for all
             for layer in layers:
                 layer.act = dataclasses.replace(layer.act, clip=clip)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .api import QuantizeResult, check_against_model, check_savable, conversion_progress, quantize, save
+from .api import (QuantizeResult, check_against_model, check_savable, conversion_progress, put_codes, quantize,
+                  save)
 from .config import QuantizeConfig
 from .data import CachingTokenizer, calibration_windows, evaluation_windows
 from .diagnostics.reconstruction import Reconstruction, reconstruction_errors
@@ -361,9 +362,7 @@ def save_outcome(outcome: Outcome, path, overwrite: bool = False, models: ModelC
         return save(QuantizeResult(model, shared.tokenizer, outcome.report, outcome.packed), outcome.config, path,
                     overwrite)
     work = models.get(outcome.config.model).working_copy()
-    for name, q in outcome.packed.items():
-        layer = work.model.get_submodule(name)
-        layer.weight.data = q.dequantize().to(layer.weight.dtype)
+    put_codes(work.model, outcome.packed)
     return save(QuantizeResult(work.model, work.tokenizer, outcome.report, outcome.packed), outcome.config, path,
                 overwrite, on_event=on_event)
 

@@ -70,11 +70,11 @@ def relative_error(x: torch.Tensor, xq: torch.Tensor) -> float:
     return float((xq.float() - x.float()).pow(2).sum()) / den if den > 0 else 0.0
 
 
-def search_clip(samples: list[torch.Tensor], bits: int, symmetric: bool,
+def search_clip(x: torch.Tensor, bits: int, symmetric: bool,
                 candidates: tuple[float, ...] = CLIP_CANDIDATES, rows: int = SEARCH_ROWS) -> float:
-    """The clip ratio of ``candidates`` with the least squared error on ``samples`` (ties: the larger), on at most
-    ``rows`` tokens of them taken evenly (one scalar: a thousand tokens choose it as well as all)."""
-    tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in samples]).float()
+    """The clip ratio of ``candidates`` with the least squared error on the tokens of ``x`` (ties: the larger), on
+    at most ``rows`` of them taken evenly (one scalar: a thousand tokens choose it as well as all)."""
+    tokens = x.reshape(-1, x.shape[-1]).float()
     tokens = tokens[::max(1, tokens.shape[0] // rows)]
     best, best_err = 1.0, float("inf")
     for c in candidates:
