@@ -1,8 +1,8 @@
 """GGUF files side by side: llama.cpp's own quantizer against the workbench's RTN, GPTQ and TurboBoA
 written at the same type, each file run in llama.cpp on the workbench's evaluation windows.
 
-    python benchmarks/gguf.py                                   # q4_0, q4_1, q8_0 (about an hour here)
-    python benchmarks/gguf.py --types q4_0 --methods gptq
+    python benchmarks/gguf_files.py                                   # q4_0, q4_1, q8_0 (about an hour here)
+    python benchmarks/gguf_files.py --types q4_0 --methods gptq
 
 llama.cpp's rows quantize a float GGUF of the same model (linears float16) with
 ``llama_model_quantize`` and no importance matrix. Every file's perplexity is measured twice: by
