@@ -4,8 +4,9 @@ Each row quantizes the first ``--blocks`` blocks of the model with one method an
 then measures perplexity twice on the raw test text: on the app's few evaluation windows and on many
 more, so the noise of a small evaluation is seen beside the effect of a small calibration.
 
-    python benchmarks/quick_look.py                                   # W4 and W3 g64, 8x256 and 32x256
-    python benchmarks/quick_look.py --bits 3 --calib 8,32,128 --methods gptq,turboboa --extra dx_alpha=0
+    python benchmarks/quick_look.py                                   # the app's quick look (config.QUICK_LOOK)
+    python benchmarks/quick_look.py --bits 4 --calib 8 --blocks 2 --few 4   # the quick look before it changed
+    python benchmarks/quick_look.py --calib 8,32,128 --methods gptq,turboboa --extra dx_alpha=0
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import time
 
 import workbench
-from workbench.config import QuantizeConfig, build_config
+from workbench.config import QUICK_LOOK, QuantizeConfig, build_config
 from workbench.data import evaluation_windows
 from workbench.evaluate import perplexity
 from workbench.models.loading import load_model
@@ -33,12 +34,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="rtn,gptq,boa,turboboa")
-    p.add_argument("--bits", default="4,3")
+    p.add_argument("--bits", default=str(QUICK_LOOK["bits"]))
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib", default="8,32", help="calibration windows per row (comma-separated)")
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--few", type=int, default=4, help="the app's evaluation windows")
+    p.add_argument("--calib", default=str(QUICK_LOOK["calib_samples"]), help="calibration windows per row (comma-separated)")
+    p.add_argument("--seqlen", type=int, default=QUICK_LOOK["seqlen"])
+    p.add_argument("--blocks", type=int, default=QUICK_LOOK["max_blocks"])
+    p.add_argument("--few", type=int, default=QUICK_LOOK["eval_windows"], help="the app's evaluation windows")
     p.add_argument("--many", type=int, default=64, help="the larger evaluation")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=VALUE[,...]",
                    help="a variant of the method's settings (repeatable), e.g. dx_alpha=0,refine_iters=0")

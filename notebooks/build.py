@@ -13,6 +13,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from workbench.config import QUICK_LOOK
+
 HERE = Path(__file__).resolve().parent
 
 SETUP = """\
@@ -23,9 +25,11 @@ from workbench.widgets import notebook_settings, fast_mode
 S = notebook_settings()    # model, calib_samples, seqlen, max_blocks, eval_windows
 print("fast mode" if fast_mode() else "normal mode", S)"""
 
-SETTINGS_NOTE = """\
+Q = QUICK_LOOK
+SETTINGS_NOTE = f"""\
 **Settings.** The first code cell reads `notebook_settings()`: the embedded SmolLM2-135M with
-16 calibration windows of 256 tokens, the first 6 blocks and 8 evaluation windows. Set
+{Q["calib_samples"]} calibration windows of {Q["seqlen"]} tokens, the first {Q["max_blocks"]} blocks and
+{Q["eval_windows"]} evaluation windows (the app's quick look). Set
 `WORKBENCH_FAST=1` before starting Jupyter for tiny runs (4 windows of 64 tokens, 2 blocks, 2
 evaluation windows), and `WORKBENCH_NOTEBOOK_MODEL=/path/to/checkpoint` to use another model.
 Change `S` in the cell to quantize more (e.g. `S["max_blocks"] = None` for every block)."""

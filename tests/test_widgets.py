@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
+from workbench.config import QUICK_LOOK  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.widgets import (AttentionExplorer, CompareWidget, GenieGallery, QuantizeWidget,  # noqa: E402
                                SpectrumExplorer, notebook_settings)
@@ -48,8 +49,8 @@ def test_notebook_settings_follow_the_environment(monkeypatch):
     assert s == dict(calib_samples=4, seqlen=64, max_blocks=2, eval_windows=2, model="/some/model")
     monkeypatch.setenv(FAST_ENV, "0")
     monkeypatch.delenv(MODEL_ENV)
-    s = notebook_settings(bits=3)
-    assert s["model"] == "smollm2-135m" and s["max_blocks"] == 6 and s["bits"] == 3
+    assert "bits" not in notebook_settings()      # each notebook chooses its bits
+    assert notebook_settings(bits=4) == {**QUICK_LOOK, "bits": 4, "model": "smollm2-135m"}
 
 
 def test_quantize_widget_grows_live_and_reports(llama):

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
+from ..config import DEFAULTS, QUICK_LOOK, SETTINGS, QuantizeConfig, for_method
 from ..settings import METHOD_DEFAULT, Setting
 from .exposure import EXPOSURE
 
 FACE = "app"
-# a quick look that finishes in a minute or two on a CPU; every value can be raised in the form
-APP_START = dict(calib_samples=8, seqlen=256, eval_windows=4, max_blocks=2)
+APP_START = QUICK_LOOK      # every value can be changed in the form
 ROWS = (("model", "data"), ("grid",), ("activations",))     # the rows above the tabs; "run" goes into More settings
 METHOD_GROUPS = ("solver", "learned")    # placed by the Quantize tab
 

@@ -12,7 +12,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 
 from .. import workspace
-from ..config import DEFAULTS, SETTINGS, QuantizeConfig, for_method
+from ..config import DEFAULTS, QUICK_LOOK, SETTINGS, QuantizeConfig, for_method
 from ..errors import WorkbenchError
 from ..jobs import Job, Message
 from ..models.loading import DEFAULT_MODEL, LoadedModel
@@ -33,14 +33,14 @@ def fast_mode() -> bool:
 def notebook_settings(**overrides) -> dict:
     """QuantizeConfig fields the notebooks start from.
 
-    Normal: the embedded model, 16 calibration windows of 256 tokens, the first 6 blocks,
-    8 evaluation windows. With ``WORKBENCH_FAST=1``: 4 windows of 64 tokens, 2 blocks,
-    2 evaluation windows. ``WORKBENCH_NOTEBOOK_MODEL`` replaces the model in both cases.
+    Normal: the embedded model with the app's quick look (``config.QUICK_LOOK``) but its bits, which
+    each notebook sets. With ``WORKBENCH_FAST=1``: 4 windows of 64 tokens, 2 blocks, 2 evaluation
+    windows. ``WORKBENCH_NOTEBOOK_MODEL`` replaces the model in both cases.
     """
     if fast_mode():
         s = dict(calib_samples=4, seqlen=64, max_blocks=2, eval_windows=2)
     else:
-        s = dict(calib_samples=16, seqlen=256, max_blocks=6, eval_windows=8)
+        s = {k: v for k, v in QUICK_LOOK.items() if k != "bits"}
     s["model"] = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     s.update(overrides)
     return s
