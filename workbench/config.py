@@ -186,7 +186,7 @@ DEFAULTS: dict = defaults_of(QuantizeConfig)
 # rank RTN, GPTQ, BoA and TurboBoA as the whole model at 3 bits does. Two blocks at 4 bits on 8 x 256
 # calibration and 4 windows could not: the four lay within 0.2% of each other on 64 windows, and the
 # 4 windows' noise reordered them (benchmarks/quick_look.py; the README's "The quick look").
-QUICK_LOOK = dict(bits=3, calib_samples=16, seqlen=256, max_blocks=6, eval_windows=16)
+QUICK_LOOK = dict(bits=3, calib_samples=16, seqlen=256, max_blocks=4, eval_windows=16)
 
 
 def check_combination(cfg: QuantizeConfig, face: str = "api"):
