@@ -60,3 +60,13 @@ def test_too_few_windows_for_a_batch_on_every_process(tiny_checkpoints, tmp_path
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "--calib-samples 2 leaves some of the 2 processes without a batch of --batch-size 2" in done.stderr
+
+
+def test_two_processes_plan_a_budget_as_one(tiny_checkpoints, tmp_path):
+    """The sensitivity's statistics are summed over the ranks: every rank allocates the one process's plan."""
+    args = ["--model", tiny_checkpoints["llama"], "--method", "rtn", "--group-size", "16", "--avg-bits", "3.6", *RUN]
+    one = _quantize(args, tmp_path / "one.json")
+    two = _quantize(args, tmp_path / "two.json", torchrun=True)
+    assert two["plan"]["layers"] == one["plan"]["layers"] and len(set(one["plan"]["layers"].values())) > 1
+    for name, costs in one["plan"]["costs"].items():
+        assert two["plan"]["costs"][name] == pytest.approx(costs, rel=1e-6), name

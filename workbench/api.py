@@ -1,6 +1,7 @@
 """``workbench.quantize``: load, calibrate, quantize, evaluate, report. Every face calls this."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .export_gguf import check_gguf_model, save_gguf
 from .export_stream import StreamingExport, save_streamed
 from .memory import PeakMeter, Phases, check_fits, estimate
 from .methods import method_spec
+from .mixed.plan import write_plan
+from .mixed.setup import Request, make_plan, request_of, widths_of
 from .models.loading import LoadedModel, cache_root, load_model
 from .models.streamed import is_streamed, load_streamed
 from .offload import DISK, DiskBlocks
@@ -51,21 +54,28 @@ _FP_PERPLEXITY: dict[tuple, float] = {}   # (source, eval text, seqlen, windows,
 
 
 def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None = None, on_event=None,
-             cancel=None, report_path=None, save_dir=None, overwrite: bool = False, **overrides) -> QuantizeResult:
+             cancel=None, report_path=None, save_dir=None, overwrite: bool = False, plan_out=None,
+             **overrides) -> QuantizeResult:
     """Quantize ``config.model`` with ``config.method``; keyword overrides patch the config.
 
     ``loaded`` reuses a model already in memory (it is modified in place). ``on_event`` gets an
     ``engine.Event`` per layer; ``cancel`` (anything with ``is_set()``) stops between layers and
     between evaluation batches. ``report_path`` gets the JSON report, ``save_dir`` the quantized
-    checkpoint (see ``export``).
+    checkpoint (see ``export``), ``plan_out`` the widths of a mixed-precision run as a plan file
+    (see ``mixed.plan``).
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides).validate()
     if report_path is not None:
         check_writable(report_path)
+    if plan_out is not None:
+        if not cfg.mixed:
+            raise WorkbenchError("--plan-out writes the widths of a mixed-precision run; give --avg-bits, --max-size, "
+                                 "--plan or --keep-bits, or leave --plan-out out")
+        check_writable(plan_out)
     if save_dir is not None:
         check_savable(cfg)
         check_save_dir(save_dir, overwrite, packed=cfg.format == FORMAT_PACKED,
-                       bits=cfg.bits if cfg.format == FORMAT_PACKED else None, keep=sources(cfg.model))
+                       bits=widths_of(cfg) if cfg.format == FORMAT_PACKED else None, keep=sources(cfg.model))
     device = resolve_device(cfg.device)
     ranks = from_environment()
     if ranks.active and method_spec(cfg.method).block is not None:
@@ -75,13 +85,17 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     if offload == DISK and cfg.transforms_activations:
         raise WorkbenchError("the model does not fit in memory, so it would be read from disk a block at a time, and "
                              "--rotate, --act-bits and --kv-bits set up the whole model; run without them")
+    if offload == DISK and cfg.mixed:
+        raise WorkbenchError("the model does not fit in memory, so it would be read from disk a block at a time, and "
+                             "mixed precision runs with the model in memory; run without --avg-bits, --max-size, "
+                             "--plan and --keep-bits")
     fresh = loaded is None          # weights straight from disk: their FP perplexity can be reused
     if loaded is None:
         _say(on_event, f"loading {cfg.model}")
         loaded = (load_streamed(cfg.model) if offload == DISK
                   else load_model(cfg.model, progress=conversion_progress(on_event, cfg.model)))
     streamed = is_streamed(loaded.model)
-    check_against_model(loaded, cfg)
+    request = check_against_model(loaded, cfg)
     tok = loaded.tokenizer
     calib = calibration_windows(tok, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed)
     if ranks.active and calib.shape[0] <= (ranks.world - 1) * cfg.batch_size:
@@ -108,6 +122,11 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                 if fresh:
                     _FP_PERPLEXITY[key] = ppl_fp
         loaded.model.to("cpu")
+        plan, plan_seconds = None, {}
+        if request is not None:     # a budget measures the layers' sensitivity: a phase of its own
+            with phases("sensitivity") if request.budget is not None else contextlib.nullcontext():
+                plan, plan_seconds = make_plan(request, loaded.model, loaded.family, ranks.share(calib, cfg.batch_size),
+                                               cfg, device, ranks, on_event, cancel)
         transforms = transform_activations(loaded, cfg)
         # offloaded: the engine walks its own view of the checkpoint, the codes go to disk as they are made,
         # and with --save each finished block into the export
@@ -122,7 +141,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                                          "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore,
                                          "act_clip_search": cfg.act_bits < ACT_OFF and cfg.act_clip is None},
                                 ranks=ranks, store=DiskBlocks(work, export) if streamed else None,
-                                activations=pool, packed=packed)
+                                activations=pool, packed=packed, plan=None if plan is None else plan.bits)
         t0 = time.perf_counter()
         with phases("quantize"):
             result: EngineResult = engine.run(ranks.share(calib, cfg.batch_size))
@@ -141,14 +160,17 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
                                 "offload_resolved": offload, **transforms},
                         ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
-                        peak_memory_bytes=meter.stop(), layers=result.layers, timings=result.timings,
-                        memory=phases.record)
+                        peak_memory_bytes=meter.stop(), layers=result.layers,
+                        timings={**result.timings, **plan_seconds}, memory=phases.record,
+                        plan={} if plan is None else plan.record)
         out = QuantizeResult(model_q, tok, report, result.packed)
         if not ranks.leader:     # every rank holds the same model; one writes it
             return out
         # the report first: it is small and sure to be written, and says what the run was if the save fails
         if report_path is not None:
             report.to_json(report_path)
+        if plan_out is not None:
+            write_plan(plan_out, plan)
         if export is not None:
             export.finish(cancel)
         elif save_dir is not None:
@@ -245,9 +267,10 @@ def sources(model: str) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api", copies: int = 0):
+def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "api", copies: int = 0) -> Request | None:
     """Refuse, before any work, settings the loaded model cannot take, and a run that would not fit in
-    memory (``copies``: working copies of the model the run makes)."""
+    memory (``copies``: working copies of the model the run makes). Returns the widths a mixed-precision
+    run asks for (None for one width)."""
     _check_group_size(loaded, cfg.grid())
     if cfg.gguf_type is not None:
         check_gguf_model(loaded.model)
@@ -257,6 +280,7 @@ def check_against_model(loaded: LoadedModel, cfg: QuantizeConfig, face: str = "a
         check_rotatable(loaded.family, SETTINGS["rotate"].who(face))
     _check_seqlen(loaded, cfg.seqlen, face)
     _check_memory(loaded, cfg, face, copies)
+    return request_of(loaded.model, loaded.family, cfg, face)
 
 
 def _check_memory(loaded: LoadedModel, cfg: QuantizeConfig, face: str, copies: int):

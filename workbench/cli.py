@@ -15,6 +15,8 @@ def add_quantize_parser(sub):
     out.add_argument("--save", default=None, metavar="DIR", help="write the quantized model into this directory, "
                      "in --format (one .gguf file for gguf:TYPE)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    out.add_argument("--plan-out", default=None, metavar="FILE", help="write a mixed-precision run's widths here as "
+                     "a JSON plan (for --plan, or to edit by hand)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_quantize)
     return p
@@ -27,18 +29,24 @@ def run_quantize(args) -> int:
     cfg = config_from_args(args)
     leader = from_environment().leader      # under torchrun only rank 0 speaks
     # loading, both perplexities, the layers and the export each get a bar on stderr
-    bars = ProgressBars(f"{cfg.method} w{cfg.bits}", enabled=leader and not args.quiet)
+    width = "mixed" if cfg.mixed else f"w{cfg.bits}"
+    bars = ProgressBars(f"{cfg.method} {width}", enabled=leader and not args.quiet)
     try:
-        result = quantize(cfg, on_event=bars, report_path=args.report, save_dir=args.save, overwrite=args.overwrite)
+        result = quantize(cfg, on_event=bars, report_path=args.report, save_dir=args.save, overwrite=args.overwrite,
+                          plan_out=args.plan_out)
     finally:
         bars.close()
     if not leader:
         return 0
     r = result.report
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"{r.model} {r.method} w{cfg.bits} g{cfg.group_size}: ppl fp {fmt(r.ppl_fp)} -> quant {fmt(r.ppl_quant)}, "
-          f"quantization {r.quant_seconds:.1f} s, peak memory {r.peak_memory_bytes / 2**30:.2f} GiB"
-          + (f", report {args.report}" if args.report else ""))
+    if r.plan:
+        width = f"mixed {r.plan['avg_bits']:.3f} bits per weight ({r.plan['size_bytes'] / 1e6:.2f} MB)"
+    print(f"{r.model} {r.method} {width} g{cfg.group_size}: ppl fp {fmt(r.ppl_fp)} -> quant {fmt(r.ppl_quant)}, "
+          f"quantization {r.quant_seconds:.1f} s"
+          + (f" (and sensitivity {r.timings['sensitivity']:.1f} s)" if "sensitivity" in r.timings else "")
+          + f", peak memory {r.peak_memory_bytes / 2**30:.2f} GiB"
+          + (f", report {args.report}" if args.report else "") + (f", plan {args.plan_out}" if args.plan_out else ""))
     return 0
 
 

@@ -14,6 +14,9 @@ from .data import DEFAULT_CALIB, DEFAULT_EVAL
 from .devices import availability_problem, device_problem
 from .errors import WorkbenchError
 from .methods import INITS, METHODS, LearnedOptions, method_spec
+from .mixed.overrides import BITS_RANGE, overrides_problem
+from .mixed.plan import plan_file_problem
+from .mixed.sensitivity import FISHER, SIGNALS
 from .models.loading import DEFAULT_MODEL, EMBEDDED
 from .offload import DISK, OFFLOADS
 from .patterns import pattern_problem
@@ -34,12 +37,28 @@ STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
 GGUF_PREFIX = "gguf:"
 FORMATS = ("pack-quantized", "fake-quant") + tuple(GGUF_PREFIX + t for t in LATTICES)
 INTEGER_ZERO = ("aespa", "brecq")    # learned rounding keeps an integer zero point: no stored minimums
+# the mixed-precision settings: the app and the widgets are to get a panel of their own for them (a plan is a
+# file path, which a public app must not read: see ui.exposure)
+MIXED_FACES = ("cli", "api")
 
 
 def _group_problem(value: int) -> str | None:
     if value == -1 or value >= 1:
         return None
     return f"must be -1 (one grid per output channel) or a positive width, got {value}"
+
+
+def _candidates_problem(value: tuple[str, ...]) -> str | None:
+    low, high = BITS_RANGE
+    bad = [v for v in value if not v.isdigit() or not low <= int(v) <= high]
+    if bad:
+        return f"has widths outside {low}-{high} ({', '.join(map(repr, bad))}); give whole numbers from {low} to " \
+               f"{high}, comma-separated"
+    return None
+
+
+def _size_problem(value: float) -> str | None:
+    return None if value > 0 else f"must be more than 0 MB, got {value}"
 
 
 def _defaults(field_name: str, methods: tuple[str, ...]) -> str:
@@ -83,6 +102,38 @@ class QuantizeConfig:
     ignore: tuple[str, ...] = setting((), tuple, "Keep in full precision", "linear layers left unquantized: module "
                                       "names, globs (*.down_proj, model.layers.0.*) or re:REGEX, comma-separated",
                                       check=pattern_problem, group="run")
+    # -- mixed precision: a width per layer, from a size budget, a plan file or overrides
+    avg_bits: float | None = setting(None, float, "Average bits", "size budget in bits per weight of the quantized "
+                                     "linears as pack-quantized stores them, float16 scales and packed zero points "
+                                     "included (uniform 4-bit g64 asymmetric takes 4.31): each layer gets the width "
+                                     "of --candidate-bits that costs the model least (--sensitivity)", low=2.0,
+                                     high=16.0, optional=True, none_means="no budget: --bits for every layer",
+                                     group="mixed", faces=MIXED_FACES, metavar="B")
+    max_size: float | None = setting(None, float, "Size budget (MB)", "size budget in MB (10^6 bytes) of the "
+                                     "quantized linears as pack-quantized stores them (codes, float16 scales, zero "
+                                     "points; the embeddings, norms, lm_head and layers left in full precision not "
+                                     "counted), allocated as with --avg-bits", optional=True, check=_size_problem,
+                                     none_means="no budget: --bits for every layer", group="mixed", faces=MIXED_FACES,
+                                     metavar="MB")
+    sensitivity: str = setting(FISHER, str, "Sensitivity", "what a budget weighs a layer's error of fewer bits by: "
+                               "fisher (its output error times the squared loss gradient at its output, from one "
+                               "backward pass of the model) or objective (its relative output error, every layer "
+                               "alike)", choices=SIGNALS, group="mixed", faces=MIXED_FACES)
+    candidate_bits: tuple[str, ...] = setting(("2", "3", "4", "8"), tuple, "Candidate bits", "the widths a budget "
+                                              "chooses from, comma-separated", check=_candidates_problem,
+                                              group="mixed", faces=MIXED_FACES, metavar="BITS")
+    split_fused: bool = setting(False, bool, "Split fused layers", "let a budget give q/k/v, and gate/up, of a block "
+                                "different widths (vLLM fuses each set into one matmul and serves one scheme per "
+                                "fused layer, so it cannot load such a checkpoint)", group="mixed", faces=MIXED_FACES)
+    plan: str | None = setting(None, str, "Plan file", "quantize each layer at the width a JSON plan gives it (what "
+                               "--plan-out writes, or {\"layers\": {NAME: BITS}} by hand); it must name every "
+                               "layer the run quantizes", optional=True, none_means="none", check=plan_file_problem,
+                               group="mixed", faces=MIXED_FACES, metavar="FILE")
+    keep_bits: tuple[str, ...] = setting((), tuple, "Width overrides", "fixed widths, KIND[@BLOCKS]:BITS comma-"
+                                         "separated: q:8 (every q_proj), down@0-2:4 (down_proj of blocks 0 to 2), "
+                                         "attn:4 or mlp:3 (all of a half of the block); on top of --bits or a plan, "
+                                         "and counted in a budget; later items win", check=overrides_problem,
+                                         group="mixed", faces=MIXED_FACES, metavar="KIND[@BLOCKS]:BITS")
     # -- activations: quantized per token at run time, and the rotation that makes them quantizable
     act_bits: int = setting(ACT_OFF, int, "Activation bits", "bits of every quantized layer's input, per token and "
                             f"dynamic ({ACT_OFF} = not quantized)", choices=ACT_BITS, group="activations")
@@ -167,6 +218,18 @@ class QuantizeConfig:
         """The run changes the model's forward beyond its weights (what the checkpoint formats do not carry)."""
         return self.rotate != "none" or self.act_bits < ACT_OFF or self.kv_bits < ACT_OFF
 
+    @property
+    def has_budget(self) -> bool:
+        return self.avg_bits is not None or self.max_size is not None
+
+    @property
+    def mixed(self) -> bool:
+        """Layers may get different widths: a budget, a plan file or width overrides."""
+        return self.has_budget or self.plan is not None or bool(self.keep_bits)
+
+    def candidates(self) -> tuple[int, ...]:
+        return tuple(sorted({int(b) for b in self.candidate_bits}))
+
     def learned(self) -> dict:
         """Options of the learned-rounding methods that are set."""
         return {k: getattr(self, k) for k in ("iters", "lr", "init") if getattr(self, k) is not None}
@@ -206,9 +269,45 @@ def check_combination(cfg: QuantizeConfig, face: str = "api"):
     if cfg.offload == DISK and cfg.gguf_type is not None:
         raise WorkbenchError(f"{SETTINGS['format'].who(face)} {cfg.format} is written from the whole model in memory; "
                              f"with {SETTINGS['offload'].who(face)} disk save as pack-quantized or fake-quant")
+    check_mixed(cfg, face)
     problem = availability_problem(cfg.device)
     if problem:
         raise WorkbenchError(f"{SETTINGS['device'].who(face)} {problem}")
+
+
+def check_mixed(cfg: QuantizeConfig, face: str):
+    """The rules of mixed precision: one source of widths, options only where they act, the formats and
+    runs that carry one grid per model refused."""
+    who = lambda name: SETTINGS[name].who(face)  # noqa: E731
+    if cfg.avg_bits is not None and cfg.max_size is not None:
+        raise WorkbenchError(f"{who('avg_bits')} and {who('max_size')} are two budgets; give one of them")
+    budget = who("avg_bits") if cfg.avg_bits is not None else who("max_size")
+    if cfg.plan is not None and cfg.has_budget:
+        raise WorkbenchError(f"{who('plan')} gives every layer its width, and {budget} would choose them; give one "
+                             f"of them")
+    if (cfg.has_budget or cfg.plan is not None) and cfg.bits != DEFAULTS["bits"]:
+        source = budget if cfg.has_budget else who("plan")
+        raise WorkbenchError(f"{who('bits')} {cfg.bits} would give every layer one width, and {source} gives each "
+                             f"its own; leave {who('bits')} out")
+    if not cfg.has_budget:
+        for name in ("sensitivity", "candidate_bits", "split_fused"):
+            if getattr(cfg, name) != DEFAULTS[name]:
+                raise WorkbenchError(f"{who(name)} shapes how a size budget is spent; give {who('avg_bits')} or "
+                                     f"{who('max_size')}, or leave {who(name)} out")
+    elif not cfg.candidate_bits:
+        raise WorkbenchError(f"{who('candidate_bits')} is empty; give the widths the budget chooses from, e.g. 2,3,4,8")
+    if not cfg.mixed:
+        return
+    given = next(who(n) for n in ("avg_bits", "max_size", "plan", "keep_bits") if getattr(cfg, n) not in (None, ()))
+    if cfg.gguf_type is not None:
+        raise WorkbenchError(f"{who('format')} {cfg.format} stores every layer on the type's one grid, and {given} "
+                             f"gives layers different widths; save mixed precision as pack-quantized or fake-quant")
+    if cfg.offload == DISK:
+        raise WorkbenchError(f"{given} runs with the model in memory; use {who('offload')} none")
+    if cfg.has_budget and cfg.transforms_activations:
+        raise WorkbenchError(f"{given} measures each layer's sensitivity on the model's own weights and activations, "
+                             f"not rotated or quantized ones; leave out {who('rotate')}, {who('act_bits')} and "
+                             f"{who('kv_bits')}, or give the widths with {who('plan')} or {who('keep_bits')}")
 
 
 def build_config(values: dict, face: str) -> QuantizeConfig:

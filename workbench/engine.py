@@ -153,14 +153,17 @@ class BlockQuantizer:
     The walk is the same for every method: a block's stages in order, each stage's statistics
     (the ones the method asks for), then the method's ``layer`` strategy on each of its linears.
     A method with a ``block`` strategy takes the whole block instead (block-wise reconstruction).
+    Each layer is quantized on its own grid (``grid_of``): the run's, at the width a mixed-precision
+    ``plan`` gives it.
     """
 
     def __init__(self, model: nn.Module, family: Family, method: Method, grid: GridConfig,
                  solver: SolverConfig, device: torch.device, batch_size: int = 4,
                  max_blocks: int | None = None, on_event: Callable[[Event], None] | None = None,
                  cancel=None, options: dict | None = None, ranks: Ranks = SINGLE, store=None, activations=None,
-                 packed=None):
+                 packed=None, plan: dict[str, int] | None = None):
         self.model, self.family, self.method, self.grid, self.solver = model, family, method, grid, solver
+        self.plan = plan          # mixed precision: layer name -> width (``grid``'s group size, symmetry and search)
         # where blocks come from and go (None: the model's own, ``ResidentBlocks``); the pool that holds the
         # hidden states between blocks (an ``activations.ActivationPool``; None: plain lists); and the
         # mapping the quantized layers go to (None: a dict in memory)
@@ -201,11 +204,19 @@ class BlockQuantizer:
         rel = relative_error(Q - W32, W32, H)
         layer.weight.data = Q.to(layer.weight.dtype)
         self.result.packed[name] = quantized.cpu()
-        rec = LayerRecord(name=name, block=b, kind=kind, loss=loss, rel_error=rel, seconds=seconds,
-                          extra=dict(extra or {}))
+        extra = dict(extra or {})
+        if self.plan is not None:
+            extra["bits"] = quantized.grid.bits
+        rec = LayerRecord(name=name, block=b, kind=kind, loss=loss, rel_error=rel, seconds=seconds, extra=extra)
         self.result.layers.append(rec)
         self.done += 1
         return rec
+
+    def grid_of(self, b: int, kind: str) -> GridConfig:
+        """The grid of one layer: the run's, at the width the plan gives the layer."""
+        if self.plan is None:
+            return self.grid
+        return dataclasses.replace(self.grid, bits=self.plan[self.family.layer_name(b, kind)])
 
     def quantizes(self, b: int, kind: str) -> bool:
         """False for a layer the run leaves in full precision (``options["ignore"]`` patterns)."""
@@ -355,8 +366,8 @@ class BlockQuantizer:
             raise WorkbenchError(f"{name}: the calibration activations reaching this layer are not finite (NaN or "
                                  f"inf), so its Hessian is too; check the model in float32 on this text")
         try:
-            res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid, self.solver, self.options,
-                                                 self.check_cancel))
+            res = self.method.layer(LayerProblem(W, cov.H, stats, cov.C, kind, self.grid_of(b, kind), self.solver,
+                                                 self.options, self.check_cancel))
         except SolverError as exc:
             raise WorkbenchError(f"{name}: {exc}") from None
         return res, time.perf_counter() - t0

@@ -110,6 +110,7 @@ class ExportInfo:
     total_bytes: int = 0           # all files in the directory
     ratio: float = 0.0             # float16_bytes / quantized_bytes
     layers: list[str] = field(default_factory=list)
+    layer_bits: dict[str, int] = field(default_factory=dict)   # mixed precision: each layer's width (bits is None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +126,8 @@ class QuantizedCheckpoint:
     model: nn.Module
     tokenizer: object
     packed: dict[str, QuantizedWeight]
-    scheme: WeightScheme | None       # None for GGUF files (the types are per tensor)
+    scheme: WeightScheme | None       # None for GGUF files (the types are per tensor) and for mixed precision
+                                      # (each layer's grid is its ``packed`` entry's)
     info: ExportInfo | None
     source: str
 
@@ -148,11 +150,11 @@ def supported_bits() -> tuple[int, ...]:
         nn.Linear, QuantizationScheme(targets=["Linear"], weights=WeightScheme(b, -1, True).quantization_args())))
 
 
-def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: bool = True, bits: int | None = None,
-                   keep: tuple = ()) -> Path:
+def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: bool = True,
+                   bits: int | tuple[int, ...] | None = None, keep: tuple = ()) -> Path:
     """Fail before any work if ``path`` cannot take a checkpoint; returns it as a Path.
 
-    ``bits``: the run's bit width, refused now if the format cannot pack it (not after the run).
+    ``bits``: the run's bit width (or widths), refused now if the format cannot pack it (not after the run).
     ``keep``: directories that must survive (the model being quantized, the embedded model's cache):
     a target that is one of them, holds one or lies inside one is refused, with ``overwrite`` or not.
     """
@@ -180,33 +182,37 @@ def check_save_dir(path: str | os.PathLike, overwrite: bool = False, packed: boo
         raise WorkbenchError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
     if packed:
         require_compressed_tensors()
-        if bits is not None and bits not in supported_bits():
-            raise WorkbenchError(f"compressed-tensors cannot pack {bits}-bit weights; supported bit widths: "
-                                 f"{', '.join(map(str, supported_bits()))} (change --bits, or leave out --save)")
+        wanted = (bits,) if isinstance(bits, int) else tuple(bits or ())
+        refused = [b for b in wanted if b not in supported_bits()]
+        if refused:
+            raise WorkbenchError(f"compressed-tensors cannot pack {', '.join(map(str, refused))}-bit weights; "
+                                 f"supported bit widths: {', '.join(map(str, supported_bits()))} (change --bits, or "
+                                 f"leave out --save)")
     return path
 
 
-def grid_of(packed: dict[str, QuantizedWeight]) -> WeightScheme:
-    """The grid the quantized layers share, read from the layers themselves."""
-    schemes = {WeightScheme.of(q.grid) for q in packed.values()}
-    if len(schemes) > 1:
-        ordered = sorted(schemes, key=lambda s: (s.bits, s.group_size))
-        found = ", ".join(f"{s.bits}-bit g{s.group_size}" for s in ordered)
-        raise WorkbenchError(f"the quantized layers use different grids ({found}); this format stores one grid "
-                             f"for every layer")
-    return schemes.pop()
+def layer_schemes(packed) -> dict[str, WeightScheme]:
+    """Each quantized layer's grid, read from the layers themselves."""
+    return {name: WeightScheme.of(q.grid) for name, q in packed.items()}
 
 
-def scheme_of(result) -> WeightScheme:
-    """The grid of a quantize run, read from its quantized layers and checked against the format."""
+def shared_scheme(schemes: dict[str, WeightScheme]) -> WeightScheme | None:
+    """The grid every layer shares; None when they differ (mixed precision) or there are none."""
+    found = set(schemes.values())
+    return found.pop() if len(found) == 1 else None
+
+
+def schemes_of(result) -> dict[str, WeightScheme]:
+    """The grids of a quantize run, by layer, checked against the format."""
     if not result.packed:
         raise WorkbenchError("the run quantized no layers, so there is nothing to export; check --max-blocks")
-    scheme = grid_of(result.packed)
+    schemes = layer_schemes(result.packed)
     bits = supported_bits()
-    if scheme.bits not in bits:
-        raise WorkbenchError(f"compressed-tensors cannot pack {scheme.bits}-bit weights; supported bit widths: "
-                             f"{', '.join(map(str, bits))} (or use save_fake_quant for a float16 export)")
-    return scheme
+    refused = sorted({s.bits for s in schemes.values()} - set(bits))
+    if refused:
+        raise WorkbenchError(f"compressed-tensors cannot pack {', '.join(map(str, refused))}-bit weights; supported "
+                             f"bit widths: {', '.join(map(str, bits))} (or use save_fake_quant for a float16 export)")
+    return schemes
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -327,15 +333,26 @@ def compress_layer(name: str, layer: QuantizedWeight, scheme: WeightScheme,
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def quantization_config(model: nn.Module, packed: dict, scheme: WeightScheme):
-    """compressed-tensors config: one group for every quantized linear, the other linears ignored."""
+def quantization_config(model: nn.Module, packed: dict, schemes: dict[str, WeightScheme]):
+    """compressed-tensors config: one group for every quantized linear when they share a grid, else one group
+    per grid listing its layers by name (what llm-compressor writes for mixed precision); the other linears
+    ignored."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
     for name in packed:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise WorkbenchError(f"{name} is not a Linear layer of the model; only linears can be packed")
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in packed]
-    group = QuantizationScheme(targets=["Linear"], weights=scheme.quantization_args(), format=FORMAT_PACKED)
-    return QuantizationConfig(config_groups={"group_0": group}, format=FORMAT_PACKED, ignore=ignore,
+    one = shared_scheme(schemes)
+    if one is not None:
+        targets = {one: ["Linear"]}
+    else:
+        targets = {}
+        for name in sorted(schemes):
+            targets.setdefault(schemes[name], []).append(name)
+    ordered = sorted(targets, key=lambda s: (s.bits, s.group_size, s.symmetric))
+    groups = {f"group_{i}": QuantizationScheme(targets=targets[s], weights=s.quantization_args(), format=FORMAT_PACKED)
+              for i, s in enumerate(ordered)}
+    return QuantizationConfig(config_groups=groups, format=FORMAT_PACKED, ignore=ignore,
                               quantization_status=QuantizationStatus.COMPRESSED)
 
 
@@ -370,7 +387,10 @@ def load_dequantized(config_file: Path):
     compressed-tensors 0.20 builds its compressed modules with an unpacked zero point, so the
     packed one in the checkpoint (the layout vLLM reads) is refused as a size mismatch when
     transformers loads into them. ``dequantize`` is a transformers loading attribute that takes
-    the other route, unpacking through the same compressor; vLLM reads only the keys it knows.
+    the other route, unpacking through the same compressor; vLLM reads only the keys it knows. That
+    route reads one scheme for every layer, so a mixed-precision checkpoint is not sent there: transformers
+    reads it on the compressed route, right with symmetric grids, and refuses asymmetric ones' packed zero
+    points rather than unpacking layers on the wrong widths.
     """
     config = json.loads(config_file.read_text())
     config["quantization_config"]["dequantize"] = True
@@ -388,15 +408,15 @@ def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
     """
     settings = settings or ExportSettings()
     path = check_save_dir(path, overwrite)
-    scheme = scheme_of(result)
+    schemes = schemes_of(result)
     dtype = settings.torch_dtype
     state = unique_state(result.model)
     tensors, quantized_names = {}, []
     for name, t in counted(state.items(), len(state), progress):
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module in result.packed:
-            check_layer(module, result.packed[module], t, scheme)
-            for k, v in compress_layer(module, result.packed[module], scheme, dtype).items():
+            check_layer(module, result.packed[module], t, schemes[module])
+            for k, v in compress_layer(module, result.packed[module], schemes[module], dtype).items():
                 tensors[f"{module}.{k}"] = v
                 quantized_names.append(f"{module}.{k}")
         else:
@@ -405,13 +425,13 @@ def save_quantized(result, path: str | os.PathLike, overwrite: bool = False,
     if missing:
         raise WorkbenchError(f"packed layers not found in the model: {', '.join(sorted(missing))}")
     from compressed_tensors.compressors import ModelCompressor
-    qconfig = quantization_config(result.model, result.packed, scheme)
+    qconfig = quantization_config(result.model, result.packed, schemes)
     with staging_dir(path, overwrite, packed=True) as tmp:
         write_model_files(tmp, result, tensors, dtype, settings)
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
-        if not scheme.symmetric:
+        if not all(s.symmetric for s in schemes.values()) and shared_scheme(schemes) is not None:
             load_dequantized(tmp / "config.json")
-        info = measure(tmp, FORMAT_PACKED, settings.dtype, numels(result.packed), scheme)
+        info = measure(tmp, FORMAT_PACKED, settings.dtype, numels(result.packed), schemes)
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info
 
@@ -428,11 +448,10 @@ def save_fake_quant(result, path: str | os.PathLike, overwrite: bool = False,
     state = unique_state(result.model)
     tensors = {n: (t.detach().to(dtype) if t.is_floating_point() else t.detach())
                for n, t in counted(state.items(), len(state), progress)}
-    packed = getattr(result, "packed", None)
-    scheme = grid_of(packed) if packed else None
+    packed = getattr(result, "packed", None) or {}
     with staging_dir(path, overwrite, packed=False) as tmp:
         write_model_files(tmp, result, tensors, dtype, settings)
-        info = measure(tmp, FORMAT_FAKE, settings.dtype, numels(packed or {}), scheme)
+        info = measure(tmp, FORMAT_FAKE, settings.dtype, numels(packed), layer_schemes(packed))
         (tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
     return info
 
@@ -470,19 +489,28 @@ def numels(packed) -> dict[str, int]:
     return {n: (shape(n)[0] * shape(n)[1] if shape else packed[n].codes.numel()) for n in packed}
 
 
-def measure(path: Path, fmt: str, dtype: str, sizes_of: dict[str, int], scheme: WeightScheme | None) -> ExportInfo:
-    """``sizes_of``: weights per quantized layer."""
+def measure(path: Path, fmt: str, dtype: str, sizes_of: dict[str, int],
+            schemes: dict[str, WeightScheme]) -> ExportInfo:
+    """``sizes_of``: weights per quantized layer; ``schemes``: their grids. A grid field the layers do not
+    share (the bits of a mixed-precision run) is None, and ``layer_bits`` then gives each layer's width."""
     sizes = safetensors_sizes(path)
     layers = sorted(sizes_of)
     prefixes = tuple(f"{n}.weight" for n in layers)   # .weight, .weight_packed, .weight_scale, ...
     quantized = sum(b for k, b in sizes.items() if k.startswith(prefixes))
     float16 = sum(sizes_of[n] * 2 for n in layers)
     total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return ExportInfo(format=fmt, dtype=dtype, bits=scheme and scheme.bits,
-                      group_size=scheme and scheme.group_size, symmetric=scheme and scheme.symmetric,
-                      quantized_layers=len(layers), quantized_bytes=quantized, float16_bytes=float16,
-                      other_bytes=sum(sizes.values()) - quantized, total_bytes=total,
-                      ratio=float16 / quantized if quantized else 0.0, layers=layers)
+    common = lambda field: _common(getattr(s, field) for s in schemes.values())  # noqa: E731
+    bits = common("bits")
+    return ExportInfo(format=fmt, dtype=dtype, bits=bits, group_size=common("group_size"),
+                      symmetric=common("symmetric"), quantized_layers=len(layers), quantized_bytes=quantized,
+                      float16_bytes=float16, other_bytes=sum(sizes.values()) - quantized, total_bytes=total,
+                      ratio=float16 / quantized if quantized else 0.0, layers=layers,
+                      layer_bits={} if bits is not None else {n: schemes[n].bits for n in layers if n in schemes})
+
+
+def _common(values):
+    found = set(values)
+    return found.pop() if len(found) == 1 else None
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -500,8 +528,36 @@ def read_quantization_config(path: Path):
     return QuantizationConfig.model_validate({k: v for k, v in raw.items() if k in known})
 
 
-def read_packed(path: Path, scheme: WeightScheme) -> dict[str, QuantizedWeight]:
-    """Codes and grids of every packed linear, back in the workbench's unsigned convention."""
+def layer_scheme_reader(qconfig, path: Path):
+    """``name -> WeightScheme`` of a checkpoint's packed layers: one group targeting every ``Linear``, or
+    one group per grid naming its layers (mixed precision), as ``save_quantized`` writes them."""
+    groups = list(qconfig.config_groups.values())
+    if not groups or any(g.weights is None for g in groups):
+        raise WorkbenchError(f"{str(path)!r} is not a weight-only checkpoint; the workbench reads what save_quantized "
+                             f"writes (load others with transformers)")
+    if len(groups) == 1 and groups[0].targets == ["Linear"]:
+        one = WeightScheme.from_args(groups[0].weights)
+        return lambda name: one
+    by_name = {}
+    for g in groups:
+        scheme = WeightScheme.from_args(g.weights)
+        for target in g.targets:
+            if target == "Linear" or target.startswith("re:"):
+                raise WorkbenchError(f"{str(path)!r} has several quantization groups, one targeting {target!r}; the "
+                                     f"workbench reads groups that name their layers, as save_quantized writes them "
+                                     f"(load others with transformers)")
+            by_name[target] = scheme
+
+    def scheme_of(name: str) -> WeightScheme:
+        if name not in by_name:
+            raise WorkbenchError(f"{str(path)!r}: the packed layer {name} is in no quantization group of its config")
+        return by_name[name]
+    return scheme_of
+
+
+def read_packed(path: Path, scheme_of) -> dict[str, QuantizedWeight]:
+    """Codes and grids of every packed linear (``scheme_of``: its name -> its grid), back in the workbench's
+    unsigned convention."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
     tensors = {}
@@ -513,6 +569,7 @@ def read_packed(path: Path, scheme: WeightScheme) -> dict[str, QuantizedWeight]:
     out = {}
     for key in sorted(k for k in tensors if k.endswith(".weight_packed")):
         name = key[: -len(".weight_packed")]
+        scheme = scheme_of(name)
         shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
         scale = tensors[f"{name}.weight_scale"]
         codes = unpack_from_int32(tensors[key], scheme.bits, shape).to(torch.int16) + scheme.offset
@@ -530,7 +587,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     """Load a checkpoint written by :func:`save_quantized` through transformers + compressed-tensors.
 
     The model comes back dense in ``dtype`` (float32 matches the in-memory quantized model),
-    with the codes and grids read from disk in ``packed``.
+    with the codes and grids read from disk in ``packed``. A mixed-precision checkpoint is built
+    from its codes here (see ``dense_from_codes``).
     """
     require_compressed_tensors()
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
@@ -539,18 +597,46 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     path = Path(path).expanduser()
     if not path.is_dir():
         raise WorkbenchError(f"{str(path)!r} is not a directory; point at a directory written by save_quantized")
-    qconfig = read_quantization_config(path)
-    groups = list(qconfig.config_groups.values())
-    if len(groups) != 1 or groups[0].weights is None:
-        raise WorkbenchError(f"{str(path)!r} is not a weight-only checkpoint with one quantization group; the "
-                             f"workbench reads what save_quantized writes (load others with transformers)")
-    scheme = WeightScheme.from_args(groups[0].weights)
+    packed = read_packed(path, layer_scheme_reader(read_quantization_config(path), path))
+    scheme = shared_scheme(layer_schemes(packed))
     quiet_transformers()
-    with warnings.catch_warnings():
-        # transformers warns that the passed loading attribute overrides the checkpoint's: that is the point
-        warnings.filterwarnings("ignore", message=".*quantization_config.*")
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    if scheme is None:
+        model = dense_from_codes(path, dtype, packed)
+    else:
+        with warnings.catch_warnings():
+            # transformers warns that the passed loading attribute overrides the checkpoint's: that is the point
+            warnings.filterwarnings("ignore", message=".*quantization_config.*")
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     info = ExportInfo.from_json(path / EXPORT_INFO) if (path / EXPORT_INFO).is_file() else None
-    return QuantizedCheckpoint(model, tokenizer, read_packed(path, scheme), scheme, info, str(path))
+    return QuantizedCheckpoint(model, tokenizer, packed, scheme, info, str(path))
+
+
+def dense_from_codes(path: Path, dtype: torch.dtype, packed: dict[str, QuantizedWeight]) -> nn.Module:
+    """The model of a mixed-precision checkpoint: its stored tensors, and the packed layers' weights rebuilt
+    from their codes.
+
+    transformers (5.x) dequantizes every layer at load with the first config group's scheme, and its
+    other route refuses packed zero points (see ``load_dequantized``), so neither reads several widths.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    prefixes = tuple(f"{n}.weight" for n in packed)
+    stored = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            stored.update({k: fh.get_tensor(k) for k in fh.keys() if not k.startswith(prefixes)})
+    missing, unexpected = model.load_state_dict(stored, strict=False)
+    for name, q in packed.items():
+        model.get_submodule(name).weight.data = q.dequantize().to(dtype)
+    # a tied tensor (lm_head = embeddings) is stored once, under its first name
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in stored or k.startswith(prefixes)}
+    left = [k for k in missing if not k.startswith(prefixes) and model.state_dict()[k].data_ptr() not in loaded]
+    if left or unexpected:
+        raise WorkbenchError(f"{str(path)!r} does not fit its config: missing {', '.join(left) or 'nothing'}, "
+                             f"unexpected {', '.join(unexpected) or 'nothing'}")
+    return model

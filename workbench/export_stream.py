@@ -107,11 +107,12 @@ class StreamingExport:
             if not self.packed:
                 raise WorkbenchError("the run quantized no layers, so there is nothing to export; check --max-blocks")
             from compressed_tensors.compressors import ModelCompressor
-            qconfig = quantization_config(self.model.skeleton, self.packed, self.scheme)
+            qconfig = quantization_config(self.model.skeleton, self.packed, dict.fromkeys(self.packed, self.scheme))
             ModelCompressor(quantization_config=qconfig).update_config(str(self.tmp))
             if not self.scheme.symmetric:
                 load_dequantized(self.tmp / "config.json")
-        info = measure(self.tmp, self.fmt, self.settings.dtype, numels(self.packed), self.scheme)
+        info = measure(self.tmp, self.fmt, self.settings.dtype, numels(self.packed),
+                       {} if self.scheme is None else dict.fromkeys(self.packed, self.scheme))
         (self.tmp / EXPORT_INFO).write_text(json.dumps(info.to_dict(), indent=2))
         publish(self.tmp, self.path, self.overwrite, self.fmt == FORMAT_PACKED)
         return info

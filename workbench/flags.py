@@ -11,6 +11,7 @@ from .config import DEFAULTS, SETTINGS, build_config
 from .settings import GROUPS
 
 SECTIONS = {"model": "model and data", "data": "model and data", "grid": "grid and scope",
+            "mixed": "mixed precision (a width per layer)",
             "activations": "activations and rotation (weight-activation quantization)", "run": "run",
             "solver": "solver (GPTQ / BoA / TurboBoA; empty: the method's default)",
             "learned": "aespa / BRECQ (learned rounding)"}
@@ -40,8 +41,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, defaults: dict | None = N
         elif s.kind is bool:
             target.add_argument(s.flag, dest=name, default=None, action="store_const", const=True, help=help_text)
         else:
-            metavar = "{" + ",".join(map(str, s.choices)) + "}" if s.choices else \
-                ("PATTERNS" if s.kind is tuple else name.upper())
+            metavar = s.metavar or ("{" + ",".join(map(str, s.choices)) + "}" if s.choices else
+                                    ("PATTERNS" if s.kind is tuple else name.upper()))
             target.add_argument(s.flag, dest=name, default=None, metavar=metavar, help=help_text)
     parser.set_defaults(_setting_defaults=defaults)
 

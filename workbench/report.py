@@ -38,6 +38,10 @@ class Report:
     # by phase (perplexity_fp, quantize, perplexity_quant): peak_rss_bytes (the OS's resident set), weights_bytes
     # and activations_bytes (what the run held in memory at its peak), activations_on_disk_bytes (spilled)
     memory: dict = field(default_factory=dict)
+    # mixed precision: each layer's width (``layers``), what chose them (``source``: budget, plan or keep-bits;
+    # ``budget``, ``budget_bytes``, ``sensitivity``, per-layer ``costs``) and the plan's ``size_bytes`` and
+    # ``avg_bits`` as the pack-quantized export stores it (see ``mixed.setup.make_plan``); empty for one width
+    plan: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ from .errors import WorkbenchError
 
 FACES = ("cli", "api", "app", "widgets")
 FORM_FACES = ("app", "widgets")
-GROUPS = ("model", "data", "grid", "activations", "run", "solver", "learned")   # form sections, in order
+GROUPS = ("model", "data", "grid", "mixed", "activations", "run", "solver", "learned")   # form sections, in order
 TRUE, FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 METHOD_DEFAULT = "method default"      # what an optional choice shows for None in a form
 
@@ -42,6 +42,7 @@ class Setting:
     step: float | None = None        # slider step
     check: Callable[[Any], str | None] | None = None   # a further rule: the complaint, or None
     faces: tuple[str, ...] = FACES   # where it can be set
+    metavar: str = ""                # what the command line's help shows for the value (default: from the kind)
     name: str = ""                   # the field's name, filled in by ``settings_of``
 
     @property
@@ -187,6 +188,8 @@ def _text(who: str, raw) -> str:
 def _patterns(who: str, raw) -> tuple[str, ...]:
     """Comma-separated text, or a list of strings, as a tuple of non-empty strings."""
     items = raw.split(",") if isinstance(raw, str) else list(raw)
+    # whole numbers read as their text: a list of widths (2, 3, 4) from the API
+    items = [str(p) if isinstance(p, int) and not isinstance(p, bool) else p for p in items]
     if not all(isinstance(p, str) for p in items):
         return _fail(who, f"must be text patterns, got {_show(raw)}")
     return tuple(p.strip() for p in items if p.strip())

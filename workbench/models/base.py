@@ -62,6 +62,8 @@ class Family:
     context: Callable[[nn.Module, torch.Tensor], Any]   # (model, hidden [b, L, d]) -> ctx
     geometry: Callable[[Any], AttentionGeometry]        # (config) -> heads
     attention_kinds: tuple[str, ...] = field(default=("q", "k", "v"))
+    # linears that read one input and that serving stacks (vLLM) fuse into one matmul with one scheme
+    fused: tuple[tuple[str, ...], ...] = (("q", "k", "v"),)
     # modules the model applies after its blocks and before its head, in order (absent ones are skipped)
     final_modules: tuple[str, ...] = ()
     # the residual stream's layout when it can be rotated exactly (RMSNorm without bias), else None and why not

@@ -52,6 +52,7 @@ LLAMA = Family(
     context=context,
     geometry=geometry,
     final_modules=("model.norm",),
+    fused=(("q", "k", "v"), ("gate", "up")),
     residual=ResidualLayout(embedding="model.embed_tokens", head="lm_head", final_norm="model.norm",
                             norms=(("input_layernorm", ("q", "k", "v")), ("post_attention_layernorm", ("gate", "up"))),
                             writers=("o", "down")),
