@@ -8,7 +8,7 @@ times the way the app's Generate does (``tryit.try_outcome`` on the run's codes)
 another prompt (full precision's continuation of a prompt is kept, and would not be decoded again).
 The first press of the first case also builds the full-precision tree, the first of each case the
 quantized model from its codes; later presses reuse them. Cases: ``quick`` is the app's opening
-settings (``form.APP_START``) with GPTQ, whose texts part late, so the quantized model mostly checks
+settings (``config.QUICK_LOOK``) with GPTQ, whose texts part late, so the quantized model mostly checks
 the full-precision tokens in one pass; ``rtn-w3`` quantizes every block with RTN at 3 bits, whose text parts early, so
 the quantized model decodes nearly every token itself (the slow case).
 """
@@ -22,16 +22,15 @@ import time
 import torch
 
 from workbench import tryit, workspace
-from workbench.config import QuantizeConfig
+from workbench.config import QUICK_LOOK, QuantizeConfig
 from workbench.diagnostics.reconstruction import Reconstruction
 from workbench.generate import DEFAULT_PROMPT, GenerateConfig
 from workbench.report import write_atomic
-from workbench.ui.form import APP_START
 
 PROMPTS = (DEFAULT_PROMPT, "The history of the city begins in", "In 1998, the band released its second album,",
            "The most important idea in physics is")
 CASES = {
-    "quick": dict(method="gptq", **{k: v for k, v in APP_START.items() if k != "eval_windows"}),
+    "quick": dict(method="gptq", **{k: v for k, v in QUICK_LOOK.items() if k != "eval_windows"}),
     "rtn-w3": dict(method="rtn", bits=3, group_size=64, max_blocks=None, calib_samples=1, seqlen=64),
 }
 
