@@ -26,7 +26,7 @@ from ..jsonsafe import dumps
 from ..report import write_atomic
 from ..workspace import SLOTS
 from .exposure import EXPOSURE
-from .views import TabView, error_text, message_html, progress_html
+from .views import TabView, connect_cancel, error_text, message_html, progress_html
 
 EXPLAIN = """**Quantization without data.** A CNN trained with BatchNorm remembers, in every BN layer, the mean
 and variance its inputs had on the training data. **Genie-D** trains a small generator and its latent
@@ -260,20 +260,8 @@ def build_genie_tab(session: gr.State, start: dict | None = None) -> GenieView:
 
     run.click(on_run, [session, *form.inputs()], view.outputs(), show_progress="hidden", concurrency_limit=None)
     every.click(on_every, [session, *form.inputs()], view.outputs(), show_progress="hidden", concurrency_limit=None)
-    connect_cancel_and_wait(cancel, session, view.status)
+    connect_cancel(cancel, session, view.status)
     return view
-
-
-def connect_cancel_and_wait(button, session, status, wait: float = 5.0):
-    """A Cancel button that answers once the run has stopped (within a step, normally): answered at
-    once, its "cancelling..." could reach the page after the run's own last word and stay there."""
-    def on_cancel(sess):
-        job = sess.job
-        if not sess.cancel():
-            return message_html("nothing is running", "info")
-        job.join(wait)
-        return message_html(CANCELLED if not job.running else "cancelling...", "warn")
-    button.click(on_cancel, session, status, show_progress="hidden", concurrency_limit=None)
 
 
 def genie_work(cfg: GenieRunConfig, sources: tuple):

@@ -121,8 +121,14 @@ def file_stem(config) -> str:
     return f"{model}-{config.method}-w{config.bits}g{config.group_size}-{blocks}"
 
 
-def connect_cancel(button, session, status):
-    """A Cancel button: stops this page's run, if any (never queued behind it)."""
-    button.click(lambda sess: message_html("cancelling...", "warn") if sess.cancel()
-                 else message_html("nothing is running", "info"), session, status, show_progress="hidden",
-                 concurrency_limit=None)
+def connect_cancel(button, session, status, wait: float = 5.0):
+    """A Cancel button: stops this page's run, if any (never queued behind it). It answers once the run
+    has stopped (within a step, normally) and then leaves the run's own last word on the page: answered
+    at once, its "cancelling..." could reach the page after that word and stay there."""
+    def on_cancel(sess):
+        job = sess.job
+        if not sess.cancel():
+            return message_html("nothing is running", "info")
+        job.join(wait)
+        return gr.skip() if not job.running else message_html("cancelling...", "warn")
+    button.click(on_cancel, session, status, show_progress="hidden", concurrency_limit=None)
