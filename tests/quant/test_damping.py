@@ -82,3 +82,19 @@ def test_non_finite_weights_or_activations_stop_with_the_layer_named(tokenizer, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not report.exists()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_each_hessian_is_factored_once(monkeypatch, act_order):
+    """The factorization that tests the damping is the one the column loop takes."""
+    from workbench.quant import solver
+    calls = []
+    real = solver.inverse_cholesky_upper
+    monkeypatch.setattr(solver, "inverse_cholesky_upper", lambda H: calls.append(H.shape) or real(H))
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    H = singular_hessian() + torch.eye(32)
+    solve(W, H, GRID, SolverConfig(act_order=act_order))
+    assert calls == [(1, 32, 32)]
+    calls.clear()
+    solve(W, H, GRID, SolverConfig(act_order=act_order), H_out=torch.eye(4).expand(2, 4, 4).clone())
+    assert calls == [(1, 32, 32), (2, 4, 4)]

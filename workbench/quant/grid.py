@@ -16,6 +16,7 @@ import torch
 from ..errors import WorkbenchError
 from .compiled import kernel
 from .lattice import SUPER_BLOCK, lattice, place_minimums, place_scales, types_for_width
+from .native import mse_screen
 
 SEARCHES = ("minmax", "mse")
 
@@ -145,20 +146,69 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 
 def mse_params(w: torch.Tensor, cfg: GridConfig):
-    """Grid search over shrunk ranges, keeping per row the one with the least |error|^norm.
+    """Grid search over shrunk ranges, keeping per row the one with the least |error|^norm (the
+    first of equal ones).
 
     Each candidate is one fused pass over ``w`` (``kernel``): the search is a fixed cost of every
-    method that takes MSE grids, and in eager mode it cost as much as a GPTQ solve.
+    method that takes MSE grids, and in eager mode it cost as much as a GPTQ solve. On the CPU the
+    C screen (``native.mse_screen``) first rules out most candidates of each row.
     """
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    shrinks = torch.tensor([1 - i / cfg.mse_steps for i in range(int(cfg.mse_max_shrink * cfg.mse_steps) + 1)],
+                           dtype=w.dtype, device=w.device)
+    approx = mse_screen(w.reshape(-1, w.shape[-1]), lo.reshape(-1), hi.reshape(-1), shrinks, cfg.maxq,
+                        cfg.symmetric, cfg.min_offset, cfg.mse_norm, SCREEN_MARGIN, SCREEN_FLOOR)
+    if approx is not None:
+        return screened_search(w, lo, hi, shrinks, approx, cfg)
     best_scale, best_zero = range_params(lo, hi, cfg.maxq, cfg.symmetric, min_offset=cfg.min_offset)
     best_err = range_error(w, best_scale, best_zero, cfg.maxq, cfg.mse_norm, cfg.min_offset)
     step = kernel(mse_search_step, dynamic=True)
-    for i in range(1, int(cfg.mse_max_shrink * cfg.mse_steps) + 1):
-        shrink = torch.tensor(1 - i / cfg.mse_steps, dtype=w.dtype, device=w.device)
+    for shrink in shrinks[1:]:
         best_err, best_scale, best_zero = step(w, lo, hi, shrink, best_err, best_scale, best_zero,
                                                cfg.maxq, cfg.symmetric, cfg.mse_norm, cfg.min_offset)
     return best_scale, best_zero
+
+
+# the screen's errors and the exact ones are each within 1e-4 of the true sums (the screen's power
+# 2e-5, sums of 16 lanes in float for rows up to ~100k weights): a candidate whose screened error
+# is above margin x a row's least cannot be the least; the floor covers errors that underflow
+SCREEN_MARGIN = (1 + 1e-3) / (1 - 1e-3)
+SCREEN_FLOOR = 1e-30
+SCREEN_CEILING = 1e37      # rows with errors near float's overflow keep every candidate
+
+
+def screened_search(w, lo, hi, shrinks, approx, cfg: GridConfig):
+    """``mse_params``' choice from the screen's errors ``approx [rows, candidates]``: a row with one
+    candidate left takes it, the others the least exact error of the candidates left.
+
+    The exact errors are the eager search's (``WORKBENCH_COMPILE=0``), so is the choice; the
+    compiled step kernel sums a row in another order, so that a tie to float rounding may go the
+    other way there. Nothing is compiled here: the kernel's first compile took 5 s of a run."""
+    width = w.shape[-1]
+    rows, lo_r, hi_r = w.reshape(-1, width), lo.reshape(-1, 1), hi.reshape(-1, 1)
+    least = approx.amin(-1, keepdim=True)
+    near = (approx <= least * SCREEN_MARGIN + SCREEN_FLOOR) | ~(least < SCREEN_CEILING)
+    choice = approx.argmin(-1)
+    open_rows = (near.sum(-1) > 1).nonzero().squeeze(-1)
+    if open_rows.numel():
+        choice[open_rows] = exact_choice(rows, lo_r, hi_r, shrinks, near, open_rows, cfg)
+    scale, zero = range_params(lo_r, hi_r, cfg.maxq, cfg.symmetric, shrinks[choice].unsqueeze(-1), cfg.min_offset)
+    shape = (*w.shape[:-1], 1)
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+def exact_choice(rows, lo, hi, shrinks, near, open_rows, cfg: GridConfig) -> torch.Tensor:
+    """Per row of ``open_rows`` the first of its ``near`` candidates with the least exact error (the
+    sequential search keeps the earlier of equal errors and never takes a NaN one). The first
+    range's shrink is 1, the factor ``range_params`` otherwise takes: the same ops."""
+    i, c = near[open_rows].nonzero(as_tuple=True)        # by row, then by candidate
+    r = open_rows[i]
+    s, z = range_params(lo[r], hi[r], cfg.maxq, cfg.symmetric, shrinks[c].unsqueeze(-1), cfg.min_offset)
+    err = range_error(rows[r], s, z, cfg.maxq, cfg.mse_norm, cfg.min_offset).squeeze(-1).nan_to_num(nan=float("inf"))
+    n = open_rows.numel()
+    least = torch.full((n,), float("inf"), dtype=err.dtype).scatter_reduce(0, i, err, "amin")
+    at_least = err == least[i]
+    return torch.full((n,), near.shape[-1], dtype=c.dtype).scatter_reduce(0, i[at_least], c[at_least], "amin")
 
 
 def range_error(w, scale, zero, maxq: int, norm: float, min_offset: bool = False) -> torch.Tensor:

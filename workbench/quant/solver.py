@@ -15,6 +15,7 @@ import torch
 
 from .grid import GridConfig, expand_groups, grid_functions, group_params
 from .lattice import lattice, place_scales
+from .native import block_columns
 from .weight import QuantizedWeight, from_codes
 
 
@@ -81,32 +82,52 @@ def damping_steps(damp: float) -> list[float]:
     return steps
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, by two reductions (NaN and inf carry through max and min)
+    rather than a mask the size of ``t``: a tenth of the time on a Hessian."""
+    return t.numel() == 0 or bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
+
+
 def check_finite(t: torch.Tensor, what: str):
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise SolverError(f"{what} has {bad} entries that are not finite (NaN or inf)")
 
 
-def stable_damping(H: torch.Tensor, damp: float, what: str = "the Hessian") -> float:
-    """The least of ``damping_steps(damp)`` with which ``damped(H, .)`` factors (Cholesky of it and its
-    inverse): one short calibration window or ``damp=0`` leaves H singular, and a retry beats a stop."""
+@dataclass(frozen=True)
+class Factored:
+    """A Hessian as the column loop takes it."""
+    damp: float                       # the damping it needed
+    H: torch.Tensor                   # damped, columns in their order
+    perm: torch.Tensor | None         # the order the loop visits them ([B|1, n], act-order), or None
+    U: torch.Tensor                   # ``inverse_cholesky_upper`` of H with its columns in that order
+
+
+def stable_factor(H: torch.Tensor, damp: float, what: str = "the Hessian", act_order: bool = False) -> Factored:
+    """``H`` with the least of ``damping_steps(damp)`` with which ``damped(H, .)`` factors (Cholesky
+    of it and its inverse): one short calibration window or ``damp=0`` leaves H singular, and a
+    retry beats a stop. The factor that tests it is the one the loop uses: it is made once."""
     check_finite(H, what)
     for d in damping_steps(damp):
+        Hd = damped(H, d)
+        # act-order: columns by descending diagonal, the ones the loss weighs most quantized first
+        perm = torch.argsort(Hd.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
         try:
-            U = inverse_cholesky_upper(damped(H, d))
+            U = inverse_cholesky_upper(Hd if perm is None else _permute_sym(Hd, perm))
         except torch.linalg.LinAlgError:
             continue
-        if bool(torch.isfinite(U).all()):
-            return d
+        if all_finite(U):
+            return Factored(d, Hd, perm, U)
     raise SolverError(f"{what} is not positive definite even with damping {DAMP_LIMIT}; give more calibration "
                       f"samples or a longer --seqlen")
 
 
 def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """Upper ``U`` with ``H^-1 = U^T U``; its row j is the Cholesky row of ``(H[j:, j:])^-1``."""
+    """Upper ``U`` with ``H^-1 = U^T U``; its row j is the Cholesky row of ``(H[j:, j:])^-1``.
+    Row-major: the column loop reads U by rows."""
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
+    return torch.linalg.cholesky(Hinv, upper=True).contiguous()
 
 
 def kronecker_loss(dW: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
@@ -116,49 +137,56 @@ def kronecker_loss(dW: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | N
 
 
 def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 grid: GridConfig, group_width: int, dynamic: bool, block_size: int) -> torch.Tensor:
+                 grid: GridConfig, group_width: int, dynamic: bool, block_size: int,
+                 eager: bool = False) -> torch.Tensor:
     """GPTQ's column loop on ``W [B, R, C]`` with ``U [B|1, C, C]``; returns the quantized weights.
 
     ``scale``/``zero`` are per column ``[B, R, C]``; with ``dynamic`` a group's slices are filled
     (in place) from the current, already updated weights when its first column is reached
-    (``group_width`` columns at once: a group, or a K-quant super-block of groups).
+    (``group_width`` columns at once: a group, or a K-quant super-block of groups). A block's
+    columns run in the C loop of ``native`` where it can; ``eager`` forces the loop of tensor
+    operations, which any device runs.
     """
     C = W.shape[-1]
-    fake_quantize = grid_functions(grid)[0]
-    U = U.expand(W.shape[0], C, C)
-    # columns as contiguous rows: the rank-1 updates then stream through memory in order
-    Wt, st, zt = (t.transpose(1, 2).contiguous() for t in (W, scale, zero))
-    Q = torch.empty_like(Wt)
+    U = U.contiguous().expand(W.shape[0], C, C)               # the C loop reads U by rows
+    W = W.clone(memory_format=torch.contiguous_format)
+    Q = torch.empty_like(W)
+    columns = (None if eager else block_columns(W, U, scale, zero)) or _block_columns_eager
+    regrid = dynamic and group_width < C
     bs = max(group_width, block_size // group_width * group_width) if group_width < C else block_size
     for i1 in range(0, C, bs):
         i2 = min(i1 + bs, C)
-        W1, U1 = Wt[:, i1:i2], U[:, i1:i2, i1:i2]
+        W1, s1, z1 = W[..., i1:i2], scale[..., i1:i2], zero[..., i1:i2]
         err = torch.empty_like(W1)
-        # per-column views taken once per block: the loop is bound by per-call overhead on the
-        # small problems of joint rows, so every indexing op saved there counts
-        w_cols, q_cols, e_cols = W1.unbind(1), Q[:, i1:i2].unbind(1), err.unbind(1)
-        s_cols, z_cols = st[:, i1:i2].unbind(1), zt[:, i1:i2].unbind(1)
-        diag = U1.diagonal(dim1=1, dim2=2).unsqueeze(-1).unbind(1)
-        u_rows = U1.unsqueeze(-1).unbind(1)
-        n = i2 - i1
-        for i in range(n):
-            col = i1 + i
-            if dynamic and group_width < C and col % group_width == 0:
-                s, z = group_params(W1[:, i:i + group_width].transpose(1, 2), grid)
-                st[:, col:col + group_width] = expand_groups(s, group_width).transpose(1, 2)
-                zt[:, col:col + group_width] = expand_groups(z, group_width).transpose(1, 2)
-            w = w_cols[i]
-            q = fake_quantize(w, s_cols[i], z_cols[i], grid.maxq)
-            q_cols[i].copy_(q)
-            e = torch.sub(w, q, out=e_cols[i]).div_(diag[i])
-            if i + 1 < n:
-                W1[:, i + 1:].baddbmm_(u_rows[i][:, i + 1:], e.unsqueeze(1), alpha=-1)
+        # a block's segments start where a group's grid is taken from the weights as updated so far
+        starts = list(range(0, i2 - i1, group_width)) if regrid else [0]
+        for a, b in zip(starts, starts[1:] + [i2 - i1]):
+            if regrid:
+                s, z = group_params(W1[..., a:a + group_width], grid)
+                s1[..., a:a + group_width] = expand_groups(s, group_width)
+                z1[..., a:a + group_width] = expand_groups(z, group_width)
+            columns(W1, s1, z1, Q[..., i1:i2], err, U[:, i1:i2, i1:i2], a, b, grid)
         if i2 < C:
-            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), err, alpha=-1)
-    if dynamic:
-        scale.copy_(st.transpose(1, 2))
-        zero.copy_(zt.transpose(1, 2))
-    return Q.transpose(1, 2)
+            W[..., i2:].baddbmm_(err, U[:, i1:i2, i2:], alpha=-1)
+    return Q
+
+
+def _block_columns_eager(W1, s1, z1, Q1, err, U1, start: int, stop: int, grid: GridConfig):
+    """Columns ``start:stop`` of a block ``W1 [B, R, n]`` one by one: each put on its grid (into
+    ``Q1``), its error over U's diagonal kept in ``err`` and taken off the block's later columns."""
+    fake_quantize, n = grid_functions(grid)[0], W1.shape[-1]
+    # per-column views taken at once: the loop is bound by per-call overhead on the small problems
+    # of joint rows, so every indexing op saved there counts
+    w_cols, q_cols, e_cols = W1.unbind(-1), Q1.unbind(-1), err.unbind(-1)
+    s_cols, z_cols = s1.unbind(-1), z1.unbind(-1)
+    diag = U1.diagonal(dim1=1, dim2=2).unsqueeze(1).unbind(-1)
+    u_rows = U1.unsqueeze(2).unbind(1)
+    for i in range(start, stop):
+        w = w_cols[i]
+        q_cols[i].copy_(fake_quantize(w, s_cols[i], z_cols[i], grid.maxq))
+        e = torch.sub(w, q_cols[i], out=e_cols[i]).div_(diag[i])
+        if i + 1 < n:
+            W1[..., i + 1:].baddbmm_(e.unsqueeze(-1), u_rows[i][..., i + 1:], alpha=-1)
 
 
 def row_compensation(U_out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -246,12 +274,11 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     dead = Hi.diagonal(dim1=-2, dim2=-1) <= 0                               # [B|1, C]
     Wf = Wf.masked_fill(dead.unsqueeze(1), 0.0)
     check_finite(Wf, "the weight")
-    damping = {"damp": stable_damping(Hi, cfg.damp, "the input Hessian")}
-    Hd = damped(Hi, damping["damp"])
+    f_in = stable_factor(Hi, cfg.damp, "the input Hessian", cfg.act_order)
+    damping = {"damp": f_in.damp}
     if cross is not None and cfg.dx_alpha > 0:
         check_finite(cross, "the cross moment of the inherited errors")
-        Hc = Hd if cross_H is None else damped(cross_H.to(torch.float32),
-                                                stable_damping(cross_H.to(torch.float32), cfg.damp))
+        Hc = f_in.H if cross_H is None else stable_factor(cross_H.to(torch.float32), cfg.damp).H
         Wf = dx_corrected_target(Wf, Hc, cross.to(torch.float32), cfg.dx_alpha)
     target = Wf.clone()
     gw = grid.group_width(C)
@@ -268,21 +295,18 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
         s, z = group_params(Wf, grid)
         scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
 
-    Hd_orig = Hd
     perm = inv = None
-    if cfg.act_order:
-        perm = torch.argsort(Hd.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True).expand(heads, C)
+    if f_in.perm is not None:
+        perm = f_in.perm.expand(heads, C)
         inv = torch.argsort(perm, dim=-1)
         Wf, scale, zero = (_permute_cols(t, perm) for t in (Wf, scale, zero))
-        Hd = _permute_sym(Hd.expand(heads, C, C), perm)
-    U_in = inverse_cholesky_upper(Hd)
+    U_in = f_in.U
 
     if H_out is None:
         Q = gptq_columns(Wf, U_in, scale, zero, grid, unit, dynamic_groups, cfg.block_size)
     else:
-        damping["damp_out"] = stable_damping(H_out.to(torch.float32), cfg.damp, "the output Hessian")
-        Ho = damped(H_out.to(torch.float32), damping["damp_out"])
-        U_out = inverse_cholesky_upper(Ho)
+        f_out = stable_factor(H_out.to(torch.float32), cfg.damp, "the output Hessian")
+        damping["damp_out"], Ho, U_out = f_out.damp, f_out.H, f_out.U
         Q = torch.empty_like(Wf)
         R = Wf.shape[1]
         step = max(1, cfg.rows_per_step)
@@ -291,8 +315,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
             if rows_take_grids:   # grids of the rows as compensation has left them (adaptive grid)
                 s, z = _row_grid(Wf[:, r0:r1], perm, inv, grid)
                 scale[:, r0:r1], zero[:, r0:r1] = s, z
-            rows = Wf[:, r0:r1].clone()
-            Q[:, r0:r1] = gptq_columns(rows, U_in, scale[:, r0:r1], zero[:, r0:r1], grid, unit,
+            Q[:, r0:r1] = gptq_columns(Wf[:, r0:r1], U_in, scale[:, r0:r1], zero[:, r0:r1], grid, unit,
                                        dynamic_groups, cfg.block_size)
             if r1 < R:
                 Wf[:, r1:] += row_compensation(U_out, r0, r1) @ (Wf[:, r0:r1] - Q[:, r0:r1])
@@ -306,10 +329,10 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     if cfg.refine_iters > 0:
         if grid.min_offset:   # W_hat = s c - m: the scales' loss is that of codes c about W + m
             scale_g = refine_scales(codes, scale_g, torch.zeros_like(zero_g), target + expand_groups(zero_g, C),
-                                    Hd_orig.expand(heads, C, C), None if H_out is None else Ho, gw,
+                                    f_in.H.expand(heads, C, C), None if H_out is None else Ho, gw,
                                     cfg.refine_iters)
         else:
-            scale_g = refine_scales(codes, scale_g, zero_g, target, Hd_orig.expand(heads, C, C),
+            scale_g = refine_scales(codes, scale_g, zero_g, target, f_in.H.expand(heads, C, C),
                                     None if H_out is None else Ho, gw, cfg.refine_iters)
         if grid.lattice is not None:   # back onto the scales the file can hold
             scale_g = place_scales(scale_g, lattice(grid.lattice))
