@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     rows = []
-    header = f"{'method':<9} {'bits':>4} {'group':>5} {'ppl':>9} {'quant s':>8} {'qkv solve s':>11} {'x gptq time':>11}"
+    header = (f"{'method':<9} {'bits':>4} {'group':>5} {'ppl':>9} {'quant s':>8} {'forward s':>9} {'stats s':>8} "
+              f"{'solve s':>8} {'solve %':>7} {'qkv solve s':>11} {'x gptq time':>11}")
     print(f"model {args.model}, calibration {args.calib_samples}x{args.seqlen}, evaluation {args.eval_windows}x{args.seqlen}")
     print(header)
     ppl_fp = None
@@ -48,8 +49,11 @@ def main(argv=None) -> int:
                 gptq_time = rep.quant_seconds
             ratio = f"{rep.quant_seconds / gptq_time:.2f}" if gptq_time else "-"
             rows.append({**row, "qkv_solve_seconds": rep.timings["solve_qkv"]})
+            t = rep.timings
+            share = f"{100 * t['solve'] / rep.quant_seconds:.0f}" if rep.quant_seconds else "-"
             print(f"{method:<9} {bits:>4} {group:>5} {rep.ppl_quant:>9.3f} {rep.quant_seconds:>8.1f} "
-                  f"{rep.timings['solve_qkv']:>11.2f} {ratio:>11}", flush=True)
+                  f"{t['forward']:>9.1f} {t['statistics']:>8.1f} {t['solve']:>8.1f} {share:>7} "
+                  f"{t['solve_qkv']:>11.2f} {ratio:>11}", flush=True)
             save_rows(args.json, ppl_fp, rows, args)
     print(f"fp ppl {ppl_fp:.3f}")
     return 0

@@ -98,3 +98,16 @@ def test_each_hessian_is_factored_once(monkeypatch, act_order):
     calls.clear()
     solve(W, H, GRID, SolverConfig(act_order=act_order), H_out=torch.eye(4).expand(2, 4, 4).clone())
     assert calls == [(1, 32, 32), (2, 4, 4)]
+
+
+def test_inverse_cholesky_upper_is_the_textbook_factor_batched_and_not():
+    from workbench.quant.solver import inverse_cholesky_upper
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 40, 160, generator=g, dtype=torch.float64)
+    H = X @ X.transpose(1, 2) / 160 + 1e-3 * torch.eye(40, dtype=torch.float64)
+    U = inverse_cholesky_upper(H)
+    textbook = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    torch.testing.assert_close(U, textbook, rtol=1e-9, atol=1e-9)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal(dim1=1, dim2=2) > 0).all())
+    torch.testing.assert_close(U.transpose(1, 2) @ U, torch.linalg.inv(H), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(inverse_cholesky_upper(H[1]), U[1], rtol=0, atol=0)

@@ -70,7 +70,7 @@ def test_learned_rounding_ends_on_grid_and_beats_rtn(learn_scale):
     rtn_loss = float(layer_loss(rtn(w, grid), w, h))
     assert hist.final_loss == pytest.approx(float(layer_loss(res.dequantize(), w, h)), rel=1e-5)
     assert hist.final_loss < 0.5 * rtn_loss
-    assert len(hist.loss) == cfg.iters and hist.beta[0] is None and hist.beta[-1] is not None
+    assert len(hist.loss) == (hist.settled_at or cfg.iters) and hist.beta[0] is None and hist.beta[-1] is not None
 
 
 def test_learned_scale_moves_and_codes_stay_put():
@@ -186,3 +186,33 @@ def test_a_cancelled_optimization_leaves_the_rounder_hard():
         optimize_rounding([r], lambda: layer_loss(r(), w, h), RoundingConfig(iters=10), callback=cancel)
     assert r.hard and r.step_weight is None
     assert_on_grid(r.result(), GridConfig(bits=3, group_size=8), w.shape)
+
+
+def test_a_settled_rounding_stops_with_what_every_step_would_give(monkeypatch):
+    """Once every h sits at 0 or 1 no step can move a soft weight: the run stops there, with the
+    rounding, the variables' signs and the final loss of the run that takes every step."""
+    from workbench.quant import rounding
+    w, h = correlated_problem()
+    grid = GridConfig(bits=3, group_size=8)
+    cfg = RoundingConfig(iters=400, lr=0.1, warmup=0.1, reg_weight=0.5)
+    early = LearnedRounding(w, grid)
+    hist_early = optimize_rounding([early], lambda: layer_loss(early(), w, h), cfg)
+    assert hist_early.settled_at is not None and hist_early.settled_at < cfg.iters
+    assert len(hist_early.loss) == hist_early.settled_at
+
+    monkeypatch.setattr(rounding, "settled", lambda rounders: False)
+    full = LearnedRounding(w, grid)
+    hist_full = optimize_rounding([full], lambda: layer_loss(full(), w, h), cfg)
+    assert hist_full.settled_at is None and len(hist_full.loss) == cfg.iters
+    assert torch.equal(early.result().codes, full.result().codes)
+    assert torch.equal(early.v > 0, full.v > 0)
+    assert hist_early.final_loss == hist_full.final_loss
+    assert set(hist_full.loss[hist_early.settled_at:]) == {hist_full.loss[hist_early.settled_at - 1]}
+    assert set(hist_full.reg[hist_early.settled_at:]) == {0.0}
+
+
+def test_a_rounding_that_has_not_settled_runs_every_step():
+    w, h = correlated_problem()
+    r = LearnedRounding(w, GridConfig(bits=3, group_size=8))
+    hist = optimize_rounding([r], lambda: layer_loss(r(), w, h), RoundingConfig(iters=30, lr=0.01, reg_weight=1e-4))
+    assert hist.settled_at is None and len(hist.loss) == 30

@@ -152,6 +152,7 @@ def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig,
     loss = float(kronecker_loss(as_heads(q.dequantize() - W32, H_in, H_out), H_in, H_out))
     extra = {"loss_before": before * norm_abs, "loss_after": after * norm_abs,
              "rel_loss_before": before, "rel_loss_after": after, "iters": opts.iters,
+             "steps": len(hist.loss),     # fewer than iters where the rounding settled (``rounding.settled``)
              "init": opts.init, "kept": kept, "init_seconds": init_seconds, "opt_seconds": hist.seconds,
              **({} if start is None else start.extra)}    # the damping the start was solved with
     return SolveResult(q, loss, extra)

@@ -229,6 +229,7 @@ class RoundingHistory:
     beta: list = field(default_factory=list)        # None in warmup
     final_loss: float = math.nan                    # reconstruction loss after hard rounding
     seconds: float = 0.0
+    settled_at: int | None = None                   # steps run, where every h reached 0 or 1 before the last
 
 
 def optimize_rounding(rounders: Sequence[LearnedRounding], loss_fn: Callable[[], torch.Tensor],
@@ -353,7 +354,23 @@ def _optimize_fixed_grids(rounders, loss_fn, cfg: RoundingConfig, callback,
                     regs.append(reg)
         reg = sum(regs) if regs else rec.new_zeros(())
         _record(hist, step, rec, reg, beta, callback)
+        if beta is not None and hist.reg[-1] == 0.0 and settled(rounders):
+            hist.settled_at = step + 1
+            break
     return hist
+
+
+def settled(rounders: Sequence[LearnedRounding]) -> bool:
+    """Whether every rounding variable sits at 0 or 1 (its clamp active). Then no step can move a
+    soft weight again: the gradient through ``h`` is 0 at the clamp, so Adam only carries ``V``
+    further the way it went (its moments decay without changing sign), and the remaining steps
+    of a fixed grid would give the same weights and the same rounding."""
+    with torch.no_grad():
+        for r in rounders:
+            raw = torch.sigmoid(r.v) * (r.zeta - r.gamma) + r.gamma   # the kernels' ops, as in ``_through_h``
+            if bool(((raw > 0) & (raw < 1)).any()):
+                return False
+    return True
 
 
 def _record(hist: RoundingHistory, step: int, rec, reg, beta, callback):

@@ -124,10 +124,16 @@ def stable_factor(H: torch.Tensor, damp: float, what: str = "the Hessian", act_o
 
 def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     """Upper ``U`` with ``H^-1 = U^T U``; its row j is the Cholesky row of ``(H[j:, j:])^-1``.
-    Row-major: the column loop reads U by rows."""
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).contiguous()
+    Row-major: the column loop reads U by rows.
+
+    With ``J`` the reversal of rows and columns, ``J H J = L L^T`` gives ``U = J L^-1 J``: one
+    Cholesky and one triangular solve. The textbook route (Cholesky, ``cholesky_inverse``, a
+    second Cholesky) gives the same factor to float rounding, but ``cholesky_inverse`` took 0.4 s
+    of a 1536-wide Hessian on 2 cores, half of GPTQ's solve time, against 0.15 s for all of this.
+    """
+    L = torch.linalg.cholesky(H.flip(-2, -1))
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(L)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(-2, -1).contiguous()
 
 
 def kronecker_loss(dW: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
