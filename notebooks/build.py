@@ -129,6 +129,30 @@ g"""),
 d = g.diff
 print("the texts part at token", d.first + 1 if d.first is not None else "never")
 g.top"""),
+        md("""
+## A width per layer
+
+Layers differ in how much of their rounding error reaches the loss, so a size budget is better spent
+unevenly. `PlanWidget` measures what each layer would cost the model at 2, 3, 4 and 8 bits (its
+rounding error weighed by the loss gradient at its output: `fisher`) and gives each layer the width
+that costs least within **Average bits** per weight, counted as the pack-quantized checkpoint stores
+the layers (uniform 4-bit g64 takes 4.31). The heatmap shows the plan, blocks down and layer kinds
+across; hover a cell for its predicted costs, click it to choose it for **Pin this width**. A new
+budget or a pin is planned again at once from the costs already measured. It is the app's Mixed
+precision panel (Quantize tab), and `workbench quantize --avg-bits 3.5` on the command line.
+"""),
+        code("""
+from workbench.widgets import PlanWidget
+
+plan = PlanWidget(method="gptq", group_size=64, avg_bits=3.5, **S)
+plan.run()            # Make plan
+plan"""),
+        code("""
+plan.pin("down@0", 8)              # block 0's down_proj at 8 bits, the rest of the budget spent again
+mixed = plan.run_plan()            # Run with this plan (GPTQ, the form's method)
+print(f"{mixed.report.width}: perplexity {mixed.report.ppl_fp:.2f} -> {mixed.report.ppl_quant:.2f}; "
+      f"uniform w4 above: {report.ppl_quant:.2f}")
+plan.table[["name", "bits", "cost", "pinned"]]"""),
     ]
 
 

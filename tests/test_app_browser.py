@@ -6,6 +6,7 @@ and drives /usr/bin/chromium through Playwright. Screenshots go to test-artifact
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -324,4 +325,70 @@ def test_html_report_buttons_download_a_page_that_opens_offline(app_url, browser
     divs, drawn, heatmaps = _open_offline(browser, saved, "report-compare.png")
     assert divs == drawn == 12 and heatmaps == 4 + 4 + 1     # a panel per method, twice; conditioning
     _shot(page, "app-compare-report.png")
+    page.close()
+
+
+def _choose(page, elem_id, option):
+    """Pick ``option`` (its shown text, or a pattern of it) from the dropdown ``elem_id``."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option, exact=isinstance(option, str) or None).click()
+
+
+@pytest.mark.browser
+def test_mixed_precision_plan_in_a_browser(app_url, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(120_000)
+    page.goto(app_url)
+    page.wait_for_selector("#wb-run")
+    page.locator("#wb-plan-panel").get_by_text("Mixed precision: a width per layer").click()
+
+    # a budget below the smallest plan is refused in the panel, in its own words, with the least that fits
+    _set(page, "wb-avg-bits", 2)
+    page.locator("#wb-plan-make").click()
+    page.wait_for_selector("#wb-plan-status .wb-error")
+    status = page.locator("#wb-plan-status").inner_text()
+    assert "Average bits 2.0 is below the smallest plan" in status and "give Average bits 3.1494 or more" in status
+
+    # Make plan: the heatmap of the widths, the plan beside its budget and its predicted perplexity
+    _set(page, "wb-avg-bits", 4)
+    page.locator("#wb-plan-make").click()
+    page.wait_for_selector("#wb-plan-status .wb-ok")
+    assert page.locator("#wb-plan-progress .wb-progress[data-state='done']").count() == 1
+    assert page.locator("#wb-plan-plot .heatmaplayer .hm").count() == 1
+    summary = page.locator("#wb-plan-summary").inner_text()
+    assert "bits per weight for a budget of 4.00" in summary and "Predicted: perplexity" in summary
+
+    # click block 0's down_proj in the heatmap (x: its kind's column, y: its block): the Layer menu takes it
+    _choose(page, "wb-plan-layer", re.compile(r"^block 1 · q \(\d bits\)$"))
+    page.locator("#wb-plan-plot .nsewdrag").first.scroll_into_view_if_needed()
+    cell = page.evaluate("""() => {
+        const plot = document.querySelector('#wb-plan-plot .js-plotly-plot');
+        const box = plot.querySelector('.nsewdrag').getBoundingClientRect();
+        return {x: box.left + plot._fullLayout.xaxis.l2p(6), y: box.top + plot._fullLayout.yaxis.l2p(0)};
+    }""")
+    page.mouse.click(cell["x"], cell["y"])
+    page.wait_for_function("document.querySelector('#wb-plan-layer input').value.startsWith('block 0 · down')")
+    # pin it at 8 bits: planned again at once from the measured costs
+    page.locator("#wb-plan-pin").click()
+    page.wait_for_selector("#wb-plan-summary :text('1 pinned')")
+    assert "from the costs measured before" in page.locator("#wb-plan-status").inner_text()
+    assert page.locator("#wb-keep-bits textarea, #wb-keep-bits input").first.input_value() == "down@0:8"
+    _shot(page, "app-plan.png")
+
+    # Run with this plan: the run fills the tab's results, the measured perplexity joins the predicted one
+    page.locator("#wb-plan-run").click()
+    page.wait_for_selector("#wb-plan-summary :text('Measured with GPTQ')")
+    assert "GPTQ mixed" in page.locator("#wb-q-ppl").inner_text()
+    assert page.locator("#wb-q-plot .scatterlayer .trace .point").count() == 14
+    _shot(page, "app-plan-run.png")
+
+    # Compare with the plan as a mixed row (its run is the one just made, from this page's cache)
+    page.get_by_role("tab", name="Compare").click()
+    _choose(page, "wb-compare-mixed", "the plan with GPTQ")
+    page.locator("#wb-compare-run").click()
+    page.wait_for_selector("#wb-c-status .wb-ok")
+    table = page.locator("#wb-c-table").inner_text()
+    assert "GPTQ mixed" in table and "bits" in table and "cached" in table
+    assert page.locator("#wb-c-curves .scatterlayer .trace").count() == 5
+    _shot(page, "app-compare-mixed.png")
     page.close()

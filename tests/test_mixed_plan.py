@@ -119,8 +119,9 @@ def test_budgets_below_the_smallest_plan_are_refused_before_any_work(tiny_checkp
                                              r"takes 3.1493 bits per weight, 0.029024 MB; give --avg-bits 3.1494 or "
                                              r"more$"):
         workbench.quantize(model=tiny_checkpoints["llama"], avg_bits=3.0, report_path=report, **SMALL)
-    with pytest.raises(WorkbenchError, match=r"^--max-size 0.03 is below the smallest plan: every layer at 3 bits "
-                                             r"\(and the --keep-bits widths\) takes .* give --max-size 0.0"):
+    with pytest.raises(WorkbenchError, match=r"^--max-size 0.03 is below the smallest plan: every layer at 3 "
+                                             r"bits, the layers of --keep-bits at theirs, takes .* give "
+                                             r"--max-size 0.0"):
         workbench.quantize(model=tiny_checkpoints["llama"], max_size=0.03, candidate_bits=("3", "4"),
                            keep_bits=("q:8",), report_path=report, **SMALL)
     assert not report.exists()

@@ -97,7 +97,7 @@ def test_compare_on_ray_gives_the_outcomes_of_the_runs_here(ray_cluster, tiny_ch
     job = Job(ray_work(configs, cached, "local"), "compare").start()
     messages = [m for m in job.messages() if m is not None]
     assert messages[-1].kind == "result", messages[-1].payload
-    outcomes = {m.payload.method: m.payload for m in messages if m.kind == "outcome"}
+    outcomes = dict(m.payload for m in messages if m.kind == "outcome")      # row key -> outcome
     assert sorted(outcomes) == sorted(COMPARE_METHODS)
     finished = {m.payload[0] for m in messages if m.kind == "event" and m.payload[1].kind == "layer_finished"}
     assert finished == set(COMPARE_METHODS)

@@ -11,8 +11,8 @@ pytest.importorskip("ipywidgets")
 
 from workbench.config import QUICK_LOOK  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.widgets import (AttentionExplorer, CompareWidget, GenieGallery, QuantizeWidget,  # noqa: E402
-                               SpectrumExplorer, notebook_settings)
+from workbench.widgets import (AttentionExplorer, CompareWidget, GenieGallery, PlanWidget,  # noqa: E402
+                               QuantizeWidget, SpectrumExplorer, notebook_settings)
 from workbench.widgets.common import FAST_ENV, FIGURE_WIDGETS_ENV, MODEL_ENV, LiveFigure  # noqa: E402
 
 LAYERS = 14            # tiny LLaMA: 2 blocks x 7 linears
@@ -131,6 +131,41 @@ def test_compare_widget_side_by_side(compared):
     before = [list(map(list, t.z)) for t in w.heatmaps_figure.data]
     w.reading.value = "before_o"
     assert [list(map(list, t.z)) for t in w.heatmaps_figure.data] != before
+
+
+def test_plan_widget_plans_pins_and_runs(llama, tmp_path):
+    from workbench.mixed.plan import read_plan
+    w = PlanWidget(model=llama, method="gptq", avg_bits=4.5, **SMALL)
+    assert w.fields["avg_bits"].value == 4.5 and w.fields["avg_bits"].description == "Average bits"
+    draft = w.run()
+    record = draft.plan.record
+    assert w.state == "done" and record["size_bytes"] <= record["budget_bytes"] and record["avg_bits"] <= 4.5
+    heat = w.figure.data[0]
+    assert heat.type == "heatmap" and len(heat.z) == 2 and len(heat.z[0]) == 7
+    assert sorted(int(v) for row in heat.z for v in row) == sorted(draft.bits.values())
+    assert len(w.layer.options) == LAYERS and "Predicted:" in w.summary.value
+    # a cell of the heatmap chooses the layer to pin; the pin plans again without measuring
+    w._cell_clicked("down", 1)
+    assert w.layer.value == "down@1"
+    pinned = w.pin(bits=2)
+    assert pinned.seconds == 0 and pinned.bits["model.layers.1.mlp.down_proj"] == 2
+    assert w.fields["keep_bits"].value == "down@1:2" and "1 pinned" in w.summary.value
+    # a new budget is planned at once from the same costs
+    w.fields["avg_bits"].value = 5.0
+    w.wait()
+    assert w.draft.config.avg_bits == 5.0 and w.draft.seconds == 0 and w.draft.plan.record["avg_bits"] <= 5.0
+    result = w.run_plan(method="rtn")
+    assert result.report.method == "rtn" and result.report.plan["layers"] == w.draft.bits
+    assert result.report.ppl_quant is not None and "Measured with RTN:" in w.summary.value
+    assert read_plan(w.save_plan(tmp_path / "plan.json")) == w.draft.bits
+    # a budget below the smallest plan is refused in the widget's words, the plan shown kept
+    kept = w.draft
+    with pytest.raises(WorkbenchError, match=r"^Average bits 2.0 is below the smallest plan: .* give Average bits "
+                                             r"\d\.\d{4} or more$"):
+        w.run(avg_bits=2.0)
+    assert w.draft is kept and w.state == "error"
+    with pytest.raises(WorkbenchError, match="the PlanWidget has no field max_size"):
+        PlanWidget(model=llama, max_size=0.05)
 
 
 def test_spectrum_explorer(llama):

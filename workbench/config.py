@@ -37,8 +37,9 @@ STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
 GGUF_PREFIX = "gguf:"
 FORMATS = ("pack-quantized", "fake-quant") + tuple(GGUF_PREFIX + t for t in LATTICES)
 INTEGER_ZERO = ("aespa", "brecq")    # learned rounding keeps an integer zero point: no stored minimums
-# the mixed-precision settings: the app and the widgets are to get a panel of their own for them (a plan is a
-# file path, which a public app must not read: see ui.exposure)
+# the mixed-precision settings are not fields of the forms: the app's Plan panel (ui.plan_panel) and the
+# PlanWidget make their own from these declarations, and write the plan file themselves (a plan is a file
+# path, which a public app must not read from a visitor: see ui.exposure)
 MIXED_FACES = ("cli", "api")
 
 
@@ -105,10 +106,10 @@ class QuantizeConfig:
     # -- mixed precision: a width per layer, from a size budget, a plan file or overrides
     avg_bits: float | None = setting(None, float, "Average bits", "size budget in bits per weight of the quantized "
                                      "linears as pack-quantized stores them, float16 scales and packed zero points "
-                                     "included (uniform 4-bit g64 asymmetric takes 4.31): each layer gets the width "
-                                     "of --candidate-bits that costs the model least (--sensitivity)", low=2.0,
-                                     high=16.0, optional=True, none_means="no budget: --bits for every layer",
-                                     group="mixed", faces=MIXED_FACES, metavar="B")
+                                     "included (uniform 4-bit g64 asymmetric takes 4.31): each layer gets the "
+                                     "candidate width that costs the model least by its measured sensitivity",
+                                     low=2.0, high=16.0, optional=True, none_means="no budget: --bits for every layer",
+                                     slider=True, step=0.05, group="mixed", faces=MIXED_FACES, metavar="B")
     max_size: float | None = setting(None, float, "Size budget (MB)", "size budget in MB (10^6 bytes) of the "
                                      "quantized linears as pack-quantized stores them (codes, float16 scales, zero "
                                      "points; the embeddings, norms, lm_head and layers left in full precision not "
@@ -131,7 +132,7 @@ class QuantizeConfig:
                                group="mixed", faces=MIXED_FACES, metavar="FILE")
     keep_bits: tuple[str, ...] = setting((), tuple, "Width overrides", "fixed widths, KIND[@BLOCKS]:BITS comma-"
                                          "separated: q:8 (every q_proj), down@0-2:4 (down_proj of blocks 0 to 2), "
-                                         "attn:4 or mlp:3 (all of a half of the block); on top of --bits or a plan, "
+                                         "attn:4 or mlp:3 (all of a half of the block); on top of the bits or a plan, "
                                          "and counted in a budget; later items win", check=overrides_problem,
                                          group="mixed", faces=MIXED_FACES, metavar="KIND[@BLOCKS]:BITS")
     # -- activations: quantized per token at run time, and the rotation that makes them quantizable
@@ -250,6 +251,9 @@ DEFAULTS: dict = defaults_of(QuantizeConfig)
 # calibration and 4 windows could not: the four lay within 0.2% of each other on 64 windows, and the
 # 4 windows' noise reordered them (benchmarks/quick_look.py; the README's "The quick look").
 QUICK_LOOK = dict(bits=3, calib_samples=16, seqlen=256, max_blocks=4, eval_windows=16)
+# The budget the app's Plan panel and the PlanWidget open on: between the quick look's uniform W3 (3.30 bits
+# per weight at g64, as stored) and W4 (4.31), so that a plan has room to give some layers more than 3 bits.
+PLAN_START = dict(avg_bits=3.5)
 
 
 def check_combination(cfg: QuantizeConfig, face: str = "api"):

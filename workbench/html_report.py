@@ -158,8 +158,8 @@ def run_labels(runs: list[RunData]) -> list[str]:
         return r.report.config
 
     steps = [lambda r: method_label(r.report.method),
-             lambda r: f"{method_label(r.report.method)} w{cfg(r).get('bits')} g{cfg(r).get('group_size')}",
-             lambda r: f"{method_label(r.report.method)} w{cfg(r).get('bits')} g{cfg(r).get('group_size')} "
+             lambda r: f"{method_label(r.report.method)} {r.report.width} g{cfg(r).get('group_size')}",
+             lambda r: f"{method_label(r.report.method)} {r.report.width} g{cfg(r).get('group_size')} "
                        f"{Path(str(r.report.model)).name}"]
     for step in steps:
         labels = [step(r) for r in runs]
@@ -200,7 +200,7 @@ def perplexity_table(runs: list[RunData], labels: list[str]) -> str:
     rows = []
     for run, label in zip(runs, labels):
         r, c = run.report, run.report.config
-        rows.append([_esc(label), _esc(r.model), _esc(method_label(r.method)), _esc(c.get("bits")),
+        rows.append([_esc(label), _esc(r.model), _esc(method_label(r.method)), _esc(r.width.removeprefix("w")),
                      _esc(c.get("group_size")), _esc(c.get("max_blocks") or "all"), _esc(c.get("eval_windows")),
                      _esc(_number(r.ppl_fp)), _esc(_number(r.ppl_quant)), _esc(_change(r)),
                      _esc(_number(r.quant_seconds, 1)), _esc(_number(r.peak_memory_bytes / 2 ** 30, 2)),

@@ -43,6 +43,14 @@ class Report:
     # ``avg_bits`` as the pack-quantized export stores it (see ``mixed.setup.make_plan``); empty for one width
     plan: dict = field(default_factory=dict)
 
+    @property
+    def width(self) -> str:
+        """The run's width for a label: ``w4``, or ``mixed 3.48 bits`` for a width per layer (its average
+        as stored; the config's ``bits`` then says nothing)."""
+        if self.plan:
+            return f"mixed {self.plan['avg_bits']:.2f} bits"
+        return f"w{self.config.get('bits')}"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

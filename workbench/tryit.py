@@ -146,7 +146,8 @@ def _prompt(shared: SharedModel, gen: GenerateConfig, face: str) -> list[int]:
 def try_outcomes(outcomes: list[Outcome], gen: GenerateConfig | None = None, *, models: ModelCache = MODELS,
                  cancel=None, face: str = "api", **values) -> dict[str, GenerationDiff]:
     """The full-precision model and each run's quantized model continue the prompt (the full-precision
-    continuation is made once); by method, in the order given. The runs must be of one model."""
+    continuation is made once); by the runs' names (``Outcome.name``), in the order given. The runs must be
+    of one model."""
     gen = _config(gen, face, values)
     if not outcomes:
         raise WorkbenchError("nothing to try yet: run a quantization first")
@@ -166,14 +167,14 @@ def try_outcomes(outcomes: list[Outcome], gen: GenerateConfig | None = None, *, 
             out = {}
             for o in outcomes:
                 quant = _quantized(shared, o, cancel)
-                out[o.method] = compare(view, quant, ids, gen.tokens, stop, cancel=cancel, fp=fp)
+                out[o.name] = compare(view, quant, ids, gen.tokens, stop, cancel=cancel, fp=fp)
         return out
 
 
 def try_outcome(outcome: Outcome, gen: GenerateConfig | None = None, *, models: ModelCache = MODELS, cancel=None,
                 face: str = "api", **values) -> GenerationDiff:
     """The full-precision model and ``outcome``'s quantized model continue the same prompt, greedily."""
-    return try_outcomes([outcome], gen, models=models, cancel=cancel, face=face, **values)[outcome.method]
+    return try_outcomes([outcome], gen, models=models, cancel=cancel, face=face, **values)[outcome.name]
 
 
 def try_result(result: QuantizeResult, gen: GenerateConfig | None = None, *, models: ModelCache = MODELS,

@@ -239,6 +239,11 @@ class Outcome:
     def method(self) -> str:
         return self.config.method
 
+    @property
+    def name(self) -> str:
+        """The run's key among the runs of one comparison: its method, ``-mixed`` for a width per layer."""
+        return self.method + ("-mixed" if self.report.plan else "")
+
     def summary(self) -> dict:
         r = self.report
         change = None if not (r.ppl_fp and r.ppl_quant) else 100 * (r.ppl_quant / r.ppl_fp - 1)

@@ -78,11 +78,12 @@ def kind_groups(family) -> dict[str, tuple[str, ...]]:
 
 
 def apply_overrides(overrides: list[Override], family, n_blocks: int, run: set[str],
-                    who: str = "--keep-bits") -> dict[str, int]:
+                    who: str = "--keep-bits", leave_out: str = "--ignore, --max-blocks") -> dict[str, int]:
     """The widths the overrides give to layers of the run (``run``: their names), later items winning.
 
     An override that names a kind the model lacks, blocks it does not have, or only layers the run
-    leaves in full precision is refused: it would otherwise change nothing without a word.
+    leaves in full precision is refused: it would otherwise change nothing without a word. ``who`` and
+    ``leave_out`` name the overrides and the settings that leave layers out, as the caller's face does.
     """
     groups = kind_groups(family)
     out: dict[str, int] = {}
@@ -95,7 +96,7 @@ def apply_overrides(overrides: list[Override], family, n_blocks: int, run: set[s
             raise WorkbenchError(f"{who} {o.text()}: the model has blocks 0-{n_blocks - 1}; give blocks in that range")
         hit = [n for b in range(first, last + 1) for k in groups[o.kind] if (n := family.layer_name(b, k)) in run]
         if not hit:
-            raise WorkbenchError(f"{who} {o.text()} names only layers the run leaves in full precision (--ignore, "
-                                 f"--max-blocks); remove it or quantize those layers")
+            raise WorkbenchError(f"{who} {o.text()} names only layers the run leaves in full precision ({leave_out}); "
+                                 f"remove it or quantize those layers")
         out.update({n: o.bits for n in hit})
     return out

@@ -51,8 +51,8 @@ def request_of(model, family, cfg, face: str = "api") -> Request | None:
     who = lambda name: SETTINGS[name].who(face)  # noqa: E731
     layers = run_layers(model, family, cfg.max_blocks, cfg.ignore)
     if not layers:
-        raise WorkbenchError("the run quantizes no layers (--ignore leaves every one in full precision), so there "
-                             "are no widths to choose")
+        raise WorkbenchError(f"the run quantizes no layers ({who('ignore')} leaves every one in full precision), so "
+                             f"there are no widths to choose")
     n_blocks = len(family.blocks(model))
     bits: dict[str, int] = {}
     if cfg.plan is not None:
@@ -62,7 +62,8 @@ def request_of(model, family, cfg, face: str = "api") -> Request | None:
     elif not cfg.has_budget:
         bits = {l.name: cfg.bits for l in layers}
     overrides = [parse_override(item) for item in cfg.keep_bits]
-    fixed = {**bits, **apply_overrides(overrides, family, n_blocks, {l.name for l in layers}, who("keep_bits"))}
+    fixed = {**bits, **apply_overrides(overrides, family, n_blocks, {l.name for l in layers}, who("keep_bits"),
+                                       f"{who('ignore')}, {who('max_blocks')}")}
     if not cfg.has_budget:
         return Request(layers, fixed, None, {})
     weights = sum(l.weights for l in layers)
@@ -76,8 +77,9 @@ def request_of(model, family, cfg, face: str = "api") -> Request | None:
         name = "avg_bits" if cfg.avg_bits is not None else "max_size"
         # rounded up, so that the value the message offers is enough
         least = _up(average_bits(smallest, weights), 4) if name == "avg_bits" else _up(smallest / MB, 6)
+        pinned = f", the layers of {who('keep_bits')} at theirs," if fixed else ""
         raise WorkbenchError(f"{who(name)} {getattr(cfg, name)} is below the smallest plan: every layer at "
-                             f"{min(cfg.candidates())} bits{' (and the --keep-bits widths)' if fixed else ''} takes "
+                             f"{min(cfg.candidates())} bits{pinned} takes "
                              f"{average_bits(smallest, weights):.4f} bits per weight, {smallest / MB:.6f} MB; give "
                              f"{who(name)} {least} or more")
     return request
@@ -117,8 +119,12 @@ def measure_costs(model, family, layers: list[Layer], ids, cfg, device, signals=
 
 
 def make_plan(request: Request, model, family, ids, cfg, device, ranks: Ranks = SINGLE, on_event=None,
-              cancel=None) -> tuple[Plan, dict[str, float]]:
-    """The plan of the run, and the seconds its sensitivity measurement and allocation took."""
+              cancel=None, costs: dict[str, dict[int, float]] | None = None) -> tuple[Plan, dict[str, float]]:
+    """The plan of the run, and the seconds its sensitivity measurement and allocation took.
+
+    ``costs`` (layer -> width -> cost under ``cfg.sensitivity``, for every layer the budget chooses a width
+    for) are costs measured before on the same model, calibration and grid: the budget is then allocated
+    on them without measuring again (the app's Plan panel re-plans that way for each budget or override)."""
     base = {"source": "budget" if request.budget is not None else ("plan" if cfg.plan else "keep-bits"),
             "group_size": cfg.group_size, "symmetric": cfg.symmetric, "keep_bits": list(cfg.keep_bits)}
     if request.budget is None:
@@ -128,8 +134,10 @@ def make_plan(request: Request, model, family, ids, cfg, device, ranks: Ranks = 
     free = [l for l in request.layers if l.name not in request.fixed]
     candidates = cfg.candidates()
     t0 = time.perf_counter()
-    costs = {}
-    if free:
+    known, costs = costs, {}
+    if known is not None:
+        costs = {l.name: known[l.name] for l in free}
+    elif free:
         if on_event is not None:
             on_event(Event("phase", message=f"sensitivity ({cfg.sensitivity}) of {len(free)} layers"))
         costs = measure_costs(model, family, free, ids, cfg, device, (cfg.sensitivity,), ranks, on_event,

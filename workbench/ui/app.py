@@ -33,9 +33,10 @@ CACHE_CLEANUP = (3600, 86400)     # Gradio's delete_cache: (how often, how old),
 
 def build_app(default_model: str | None = None, start: dict | None = None, method: str = "gptq",
               models: ModelCache | None = None, runs_dir: str | Path = DEFAULT_WORKSPACE,
-              ray_address: str | None = None) -> gr.Blocks:
+              ray_address: str | None = None, plan_start: dict | None = None) -> gr.Blocks:
     """The page. ``start`` holds the form's starting values by setting name (over a quick look:
-    ``form.APP_START``), ``default_model`` the model it opens on, ``method`` the Quantize tab's method,
+    ``form.APP_START``), ``plan_start`` the Mixed precision panel's (over ``config.PLAN_START``),
+    ``default_model`` the model it opens on, ``method`` the Quantize tab's method,
     ``runs_dir`` the folder saved models go to, ``ray_address`` where Compare runs its methods as Ray
     tasks (``local`` for a cluster of this machine's cores; none: one after another in this process)."""
     start = dict(start or {})
@@ -49,7 +50,7 @@ def build_app(default_model: str | None = None, start: dict | None = None, metho
         form = build_form(start)
         with gr.Tabs(elem_id="wb-tabs"):
             with gr.Tab("Quantize", id="quantize", elem_id="wb-tab-quantize"):
-                build_quantize_tab(form, session, models, method, Path(runs_dir).expanduser())
+                build_quantize_tab(form, session, models, method, Path(runs_dir).expanduser(), plan_start)
             with gr.Tab("Compare", id="compare", elem_id="wb-tab-compare"):
                 build_compare_tab(form, session, models, ray_address)
             with gr.Tab("Inspect", id="inspect", elem_id="wb-tab-inspect") as inspect_tab:

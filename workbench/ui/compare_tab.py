@@ -10,14 +10,18 @@ import pandas as pd
 from .. import workspace
 from ..errors import Cancelled, WorkbenchError
 from ..figures import attention_heatmaps, empty_figure, layer_error_figure
+from ..figures.style import method_label
+from ..methods import METHODS
 from ..progress import progress_label
 from . import text
-from .form import Form
+from .form import FACE, Form
 from .report_button import build_report_button
 from .try_panel import build_compare_try_panel
 from .views import TabView, connect_cancel, error_text, message_html, progress_html, summary_display, write_run_files
 
 COMPARE_METHODS = ("rtn", "gptq", "boa", "turboboa")
+MIXED = "mixed"      # the row of the Plan panel's plan, run with one method
+NO_MIXED = ""
 
 PLOT_EVERY = 0.5
 CURVES = "Relative output error per layer, one line per method"
@@ -43,6 +47,10 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
         label = "Run all four methods" + (" on Ray" if ray_address else "")
         run = gr.Button(label, variant="primary", elem_id="wb-compare-run", scale=2)
         cancel = gr.Button("Cancel", variant="stop", elem_id="wb-compare-cancel", scale=1)
+        mixed = gr.Dropdown([("no mixed row", NO_MIXED)] + [(f"the plan with {method_label(m)}", m) for m in METHODS],
+                            value=NO_MIXED, label="Mixed row", elem_id="wb-compare-mixed", scale=2,
+                            info="one more row: the plan of the Quantize tab's Mixed precision panel, run with this "
+                                 "method on the same settings")
     view = CompareView(
         status=gr.HTML(elem_id="wb-c-status"),
         progress=gr.HTML(elem_id="wb-c-progress"),
@@ -56,10 +64,10 @@ def build_compare_tab(form: Form, session: gr.State, models: workspace.ModelCach
     view.heatmaps.render()
     view.files.render()
 
-    def on_run(sess, value, *values):
-        yield from stream_compare(sess, models, form, view, value, values, ray_address)
+    def on_run(sess, value, mixed_method, *values):
+        yield from stream_compare(sess, models, form, view, value, values, ray_address, mixed_method)
 
-    run.click(on_run, [session, reading, *form.inputs()], view.outputs(), show_progress="hidden",
+    run.click(on_run, [session, reading, mixed, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
     connect_cancel(cancel, session, view.status)
     reading.change(lambda sess, value: heatmaps_figure(sess.last_compare, value), [session, reading],
@@ -75,14 +83,23 @@ def report_stem(outcomes: list) -> str:
     return f"compare-w{first.bits}g{first.group_size}-report"
 
 
+def row_label(outcome) -> str:
+    """What the figures and the table call a run: its method, and ``mixed 3.48 bits`` for the plan's row
+    (the method's own name keeps the method's color)."""
+    if not outcome.report.plan:
+        return outcome.method
+    return f"{method_label(outcome.method)} {outcome.report.width}"
+
+
 def heatmaps_figure(outcomes: list, value: str = "after_o"):
     if not outcomes:
         return empty_figure(HEATMAPS, "filled in as each method finishes")
-    return attention_heatmaps({o.method: o.reconstruction.heads for o in outcomes}, value, title=HEATMAPS)
+    return attention_heatmaps({row_label(o): o.reconstruction.heads for o in outcomes}, value, title=HEATMAPS)
 
 
 def curves_figure(outcomes: list, live: list[dict], total: int | None):
-    frames = [o.layers[["method", "name", "block", "kind", "rel_error"]] for o in outcomes]
+    frames = [o.layers[["method", "name", "block", "kind", "rel_error"]].assign(method=row_label(o))
+              for o in outcomes]
     if live:
         frames.append(pd.DataFrame(live))
     if not frames:
@@ -90,40 +107,52 @@ def curves_figure(outcomes: list, live: list[dict], total: int | None):
     return layer_error_figure(pd.concat(frames, ignore_index=True), title=CURVES, total_layers=total)
 
 
-def summary_rows(outcomes: list, status: dict) -> pd.DataFrame:
-    by_method = {o.method: o for o in outcomes}
+def summary_rows(outcomes: dict, status: dict, configs: dict) -> pd.DataFrame:
+    """One row per run of the comparison (``configs``: row key -> config), finished or waiting."""
     rows = []
-    for m in COMPARE_METHODS:
-        row = by_method[m].summary() if m in by_method else {"method": m}
-        row["status"] = status.get(m, "waiting")
+    for key, cfg in configs.items():
+        if key in outcomes:
+            row = {**outcomes[key].summary(), "method": row_label(outcomes[key])}
+        else:
+            row = {"method": cfg.method if key != MIXED else f"{method_label(cfg.method)} mixed"}
+        row["status"] = status.get(key, "waiting")
         rows.append(row)
     return summary_display(rows)
 
 
+def mixed_config(sess, form: Form, values, method: str):
+    """The Plan panel's plan as a config of ``method`` on the form's settings."""
+    draft = sess.plan_draft
+    if draft is None:
+        raise WorkbenchError("there is no plan to add as the mixed row: make one in the Quantize tab's Mixed "
+                             "precision panel (Make plan), or choose no mixed row")
+    return draft.run_config(form.config(values, method), sess.files_dir(), FACE)
+
+
 def local_work(configs: dict, cached: dict, models: workspace.ModelCache):
-    """The four methods one after another in this process, sharing its model cache."""
+    """The runs one after another in this process, sharing its model cache."""
     def work(post, cancel):
-        for m in COMPARE_METHODS:
-            if cached[m] is not None:
-                post("outcome", cached[m])
+        for key, cfg in configs.items():
+            if cached[key] is not None:
+                post("outcome", (key, cached[key]))
                 continue
-            post("method", m)
-            post("outcome", workspace.run(configs[m], models=models, cancel=cancel,
-                                          on_event=lambda ev, m=m: post("event", (m, ev))))
+            post("method", key)
+            post("outcome", (key, workspace.run(cfg, models=models, cancel=cancel,
+                                                on_event=lambda ev, key=key: post("event", (key, ev)))))
     return work
 
 
 def ray_work(configs: dict, cached: dict, address: str, cpus_per_run: float = 1):
-    """The methods not in the cache at once, one Ray task each (a sweep of four points); their
+    """The runs not in the cache at once, one Ray task each (a sweep of four or five points); their
     progress events come back through a Ray queue. Cancel cancels the tasks."""
     def work(post, cancel):
         from ray.util.queue import Empty, Queue
 
         from ..sweep import run_outcome, start_ray, task_error
-        for m in COMPARE_METHODS:
-            if cached[m] is not None:
-                post("outcome", cached[m])
-        todo = [m for m in COMPARE_METHODS if cached[m] is None]
+        for key in configs:
+            if cached[key] is not None:
+                post("outcome", (key, cached[key]))
+        todo = [key for key in configs if cached[key] is None]
         if not todo:
             return
         ray = start_ray(address)
@@ -148,7 +177,7 @@ def ray_work(configs: dict, cached: dict, address: str, cpus_per_run: float = 1)
                 for ref in ready:
                     m = pending.pop(ref)
                     try:
-                        post("outcome", ray.get(ref))
+                        post("outcome", (m, ray.get(ref)))
                     except Exception as exc:     # the run's own error, carried back by Ray
                         raise WorkbenchError(f"{m}: {task_error(exc)}") from None
         finally:
@@ -159,13 +188,16 @@ def ray_work(configs: dict, cached: dict, address: str, cpus_per_run: float = 1)
 
 
 def stream_compare(sess, models: workspace.ModelCache, form: Form, view: CompareView, reading: str, values,
-                   ray_address: str | None = None):
-    try:   # every method's config checked before any work
+                   ray_address: str | None = None, mixed_method: str = NO_MIXED):
+    """``mixed_method``: the method the plan's mixed row runs with (``NO_MIXED``: no such row)."""
+    try:   # every run's config checked before any work
         configs = {m: form.config(values, m) for m in COMPARE_METHODS}
+        if mixed_method:
+            configs[MIXED] = mixed_config(sess, form, values, mixed_method)
     except WorkbenchError as exc:
         yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
         return
-    cached = {m: sess.cached(configs[m]) for m in COMPARE_METHODS}
+    cached = {key: sess.cached(cfg) for key, cfg in configs.items()}
     first = configs[COMPARE_METHODS[0]]
     work = ray_work(configs, cached, ray_address) if ray_address else local_work(configs, cached, models)
     try:
@@ -173,17 +205,17 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
     except WorkbenchError as exc:
         yield {view.status: message_html(str(exc), "warn")}
         return
-    outcomes, live, status = [], [], {}
-    done = {}                  # layers finished per method (all of them once its outcome is in)
+    outcomes, by_key, live, status = [], {}, [], {}
+    done = {}                  # layers finished per run (all of them once its outcome is in)
     per_run, label, last_plot, plotted = 0, "starting", 0.0, 0
     sess.last_compare = outcomes
-    yield {view.status: message_html("comparing " + ", ".join(COMPARE_METHODS) + "...", "info"),
-           view.progress: progress_html(0, 1, label, 0), view.table: summary_rows([], status),
+    yield {view.status: message_html("comparing " + ", ".join(configs) + "...", "info"),
+           view.progress: progress_html(0, 1, label, 0), view.table: summary_rows(by_key, status, configs),
            view.curves: empty_figure(CURVES, "waiting for the first layer"), view.heatmaps: heatmaps_figure([]),
            view.files: None}
 
     def overall():
-        return sum(done.values()), per_run * len(COMPARE_METHODS)
+        return sum(done.values()), per_run * len(configs)
 
     for msg in job.messages():
         elapsed = time.perf_counter() - job.started
@@ -193,7 +225,7 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
                 update[view.curves], plotted = curves_figure(outcomes, live, per_run or None), len(live)
         elif msg.kind == "method":
             status[msg.payload] = "running"
-            update[view.table] = summary_rows(outcomes, status)
+            update[view.table] = summary_rows(by_key, status, configs)
         elif msg.kind == "event":
             m, ev = msg.payload
             if ev.kind == "progress":     # perplexity windows, held-out blocks: counted in the label
@@ -211,27 +243,29 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
                     update[view.curves], plotted = curves_figure(outcomes, live, per_run), len(live)
                     last_plot = time.perf_counter()
         elif msg.kind == "outcome":
-            o = msg.payload
-            was_cached = cached[o.method] is not None
+            key, o = msg.payload
+            was_cached = cached[key] is not None
             sess.remember(o)
             outcomes.append(o)
+            by_key[key] = o
             per_run = per_run or len(o.layers)
-            status[o.method] = "cached" if was_cached else "done"
-            live = [p for p in live if p["method"] != o.method]
-            plotted, done[o.method] = 0, per_run
-            label = f"{o.method} {'from cache' if was_cached else 'finished'}"
-            update.update({view.table: summary_rows(outcomes, status),
+            status[key] = "cached" if was_cached else "done"
+            live = [p for p in live if p["method"] != key]
+            plotted, done[key] = 0, per_run
+            label = f"{key} {'from cache' if was_cached else 'finished'}"
+            update.update({view.table: summary_rows(by_key, status, configs),
                            view.heatmaps: heatmaps_figure(outcomes, reading),
                            view.curves: curves_figure(outcomes, live, per_run)})
         elif msg.kind == "result":
             files = write_run_files(sess.files_dir(), f"compare-w{first.bits}g{first.group_size}", outcomes)
             n, total = overall()
-            fresh = sum(1 for m in COMPARE_METHODS if cached[m] is None)
-            note = ("all four methods shown from this page's cache" if fresh == 0
-                    else f"compared {len(outcomes)} methods in {elapsed:.0f} s")
+            fresh = sum(1 for key in configs if cached[key] is None)
+            note = (f"all {len(configs)} runs shown from this page's cache" if fresh == 0
+                    else f"compared {len(outcomes)} runs in {elapsed:.0f} s")
             yield {view.status: message_html(note, "ok"), view.files: files,
                    view.progress: progress_html(total, total, "done", elapsed, state="done"),
-                   view.table: summary_rows(outcomes, status), view.curves: curves_figure(outcomes, [], per_run)}
+                   view.table: summary_rows(by_key, status, configs),
+                   view.curves: curves_figure(outcomes, [], per_run)}
             return
         elif msg.kind in ("cancelled", "error"):
             n, total = overall()
@@ -240,8 +274,8 @@ def stream_compare(sess, models: workspace.ModelCache, form: Form, view: Compare
             yield {view.status: message_html(f"{note}; finished methods are kept", kind),
                    view.progress: progress_html(n, total, msg.kind, elapsed,
                                                 state="cancelled" if kind == "warn" else "error"),
-                   view.table: summary_rows(outcomes, {**status, **{m: msg.kind for m, s in status.items()
-                                                                    if s == "running"}})}
+                   view.table: summary_rows(by_key, {**status, **{m: msg.kind for m, s in status.items()
+                                                                  if s == "running"}}, configs)}
             return
         n, total = overall()
         update[view.progress] = progress_html(n, total, label, elapsed)

@@ -25,10 +25,10 @@ def elem_id(name: str) -> str:
     return "wb-" + name.replace("_", "-")
 
 
-def component(s: Setting, value, render: bool = True):
-    """The Gradio input for one setting, showing ``value``."""
+def component(s: Setting, value, render: bool = True, **layout):
+    """The Gradio input for one setting, showing ``value``; ``layout``: Gradio's own (``scale``...)."""
     shown = s.form_value(value)
-    kw = dict(label=s.label, info=s.help, elem_id=elem_id(s.name), render=render)
+    kw = dict(label=s.label, info=s.help, elem_id=elem_id(s.name), render=render, **layout)
     if s.kind is bool and s.optional:
         return gr.Dropdown([METHOD_DEFAULT, "on", "off"], value=shown, **kw)
     if s.kind is bool:

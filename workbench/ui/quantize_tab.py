@@ -18,6 +18,7 @@ from ..methods import METHODS
 from ..progress import progress_label
 from . import text
 from .form import Form, method_rows
+from .plan_panel import build_plan_panel, connect_plan_run
 from .report_button import build_report_button
 from .try_panel import build_try_panel
 from .views import (TabView, connect_cancel, empty_layers, error_text, file_stem, layer_display, message_html,
@@ -37,7 +38,9 @@ class QuantizeView(TabView):
 
 
 def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCache,
-                       start_method: str = "gptq", runs_dir: Path = Path("workbench-runs")) -> QuantizeView:
+                       start_method: str = "gptq", runs_dir: Path = Path("workbench-runs"),
+                       plan_start: dict | None = None) -> QuantizeView:
+    """``plan_start``: the Mixed precision panel's starting values (see ``plan_panel.build_plan_panel``)."""
     gr.Markdown(text.QUANTIZE)
     with gr.Row():
         method = gr.Radio([(method_label(m), m) for m in METHODS], value=start_method, label="Method",
@@ -45,6 +48,7 @@ def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCac
         run = gr.Button("Run", variant="primary", elem_id="wb-run", scale=1)
         cancel = gr.Button("Cancel", variant="stop", elem_id="wb-cancel", scale=1)
     method_rows(form, start_method)
+    plan, plan_controls = build_plan_panel(form, session, models, method, plan_start)
     view = QuantizeView(
         status=gr.HTML(elem_id="wb-q-status"),
         progress=gr.HTML(elem_id="wb-q-progress"),
@@ -61,6 +65,8 @@ def build_quantize_tab(form: Form, session: gr.State, models: workspace.ModelCac
     run.click(on_run, [session, method, *form.inputs()], view.outputs(), show_progress="hidden",
               concurrency_limit=None)
     connect_cancel(cancel, session, view.status)
+    connect_plan_run(plan, plan_controls, form, session, models, method, view, stream_config)
+    view.plan_panel = plan, plan_controls       # not a field: the tab's outputs are its results
     build_report_button(session, "q", lambda sess: [sess.last_quantize],
                         lambda outcomes: file_stem(outcomes[0].config) + "-report")
     build_save_panel(session, models, runs_dir)
@@ -136,6 +142,13 @@ def stream_quantize(sess, models: workspace.ModelCache, form: Form, view: Quanti
     except WorkbenchError as exc:
         yield {view.status: message_html(f"Invalid settings: {exc}", "error")}
         return
+    yield from stream_config(sess, models, view, config)
+
+
+def stream_config(sess, models: workspace.ModelCache, view: QuantizeView, config):
+    """A checked config run on a worker, its messages turned into page updates (Run, and the Plan panel's
+    Run with this plan)."""
+    method = config.method
     cached = sess.cached(config)
     if cached is not None:
         sess.last_quantize = cached

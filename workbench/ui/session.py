@@ -45,6 +45,7 @@ class Session:
         self.last_quantize = None                     # Outcome
         self.last_compare: list = []                  # Outcomes of the latest Compare
         self.current_spectra = None                   # (QuantizeConfig, Spectra) shown in Inspect
+        self.plan_draft = None                        # planning.Draft of the Plan panel
         self._files: Path | None = None
         self._lock = threading.Lock()
 

@@ -43,3 +43,16 @@ eigenvalues; *top1_share* is the fraction of the trace held by the top 1% of eig
 **per-head spectra** are the attention-aware output factors BoA uses for q and k (and the value's
 per-KV-head input factor); under grouped-query attention the query heads of one KV head share
 their factor, so their lines coincide. The **scatter** puts each quantized layer's error against its spectrum."""
+
+PLAN = """**A width per layer.** Layers differ in how much of their rounding error reaches the loss. **Make
+plan** measures what each layer would cost the model at every candidate width (one pass over the
+calibration windows, and with *fisher* one backward pass) and gives each layer the width that costs
+least within the **Average bits** budget, counted as pack-quantized stores the layers (codes, scales and
+zero points). The plan replaces the **Bits** field; group size, symmetry and the rest come from the form.
+**The heatmap** shows each layer's width (blocks down, layer kinds across; hover for the predicted
+costs, * marks a pinned width). Click a cell (or choose the **Layer**), choose its **Bits** and **Pin
+this width**: the rest of the budget is spent again at once from the costs already measured, as it is
+when the budget moves. By default q/k/v, and gate/up, of a block share one width, as vLLM serves them
+(a pinned layer leaves its set).
+**Run with this plan** quantizes with the method chosen above; the measured perplexity then sits beside
+the predicted one. Compare can add the plan as a *mixed* row."""

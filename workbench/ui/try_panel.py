@@ -45,8 +45,7 @@ def _config(prompt, tokens, chat) -> GenerateConfig:
 
 
 def run_label(outcome) -> str:
-    c = outcome.config
-    return f"{method_label(outcome.method)} w{c.bits} g{c.group_size}"
+    return f"{method_label(outcome.method)} {outcome.report.width} g{outcome.config.group_size}"
 
 
 # -- Quantize ---------------------------------------------------------------------------------
@@ -123,13 +122,13 @@ def generate_compared(sess, models: workspace.ModelCache, prompt, tokens, chat):
         yield message_html(str(exc), "error"), gr.update()
         return
     kept = [o for o in outcomes if o.packed is not None]
-    gone = [method_label(o.method) for o in outcomes if o.packed is None]
+    gone = [run_label(o) for o in outcomes if o.packed is None]
     if not kept:
         yield message_html("the comparison's quantized weights are no longer kept; run it again to try it",
                            "error"), ""
         return
     yield message_html(f"generating {gen.tokens} tokens with full precision and "
-                       f"{', '.join(method_label(o.method) for o in kept)}...", "info"), gr.update()
+                       f"{', '.join(run_label(o) for o in kept)}...", "info"), gr.update()
     started = time.perf_counter()
     try:
         diffs = tryit.try_outcomes(kept, gen, models=models, face=FACE)
@@ -137,10 +136,10 @@ def generate_compared(sess, models: workspace.ModelCache, prompt, tokens, chat):
         yield message_html(error_text(exc), "error"), ""
         return
     tokenizer = models.get(kept[0].config.model).tokenizer
-    parts = [f"{method_label(m)} {'never parts' if d.first is None else f'parts at token {d.first + 1}'}"
+    labels = {o.name: run_label(o) for o in kept}
+    parts = [f"{labels[m]} {'never parts' if d.first is None else f'parts at token {d.first + 1}'}"
              for m, d in diffs.items()]
     note = f"from full precision: {', '.join(parts)} ({time.perf_counter() - started:.1f} s)"
     if gone:
         note += f"; {', '.join(gone)} no longer kept their weights (run the comparison again)"
-    labels = {o.method: run_label(o) for o in kept}
     yield message_html(note, "ok" if not gone else "warn"), comparison_html(tokenizer, diffs, labels)

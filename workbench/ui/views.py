@@ -72,7 +72,7 @@ def perplexity_markdown(outcome) -> str:
     change = 100 * (r.ppl_quant / r.ppl_fp - 1)
     blocks = "all blocks" if s.max_blocks is None else f"first {s.max_blocks} blocks"
     return (f"**Perplexity** on {s.eval_windows or 'all'} held-out windows of {s.seqlen} tokens: "
-            f"full precision **{_fmt(r.ppl_fp)}** &rarr; {method_label(outcome.method)} w{s.bits} "
+            f"full precision **{_fmt(r.ppl_fp)}** &rarr; {method_label(outcome.method)} {r.width} "
             f"g{s.group_size} ({blocks}) **{_fmt(r.ppl_quant)}** ({change:+.1f}%) &middot; "
             f"quantization {r.quant_seconds:.1f} s")
 
@@ -118,7 +118,8 @@ def write_run_files(directory: Path, stem: str, outcomes: list) -> list[str]:
 def file_stem(config) -> str:
     model = Path(config.model).name or "model"
     blocks = "all" if config.max_blocks is None else f"b{config.max_blocks}"
-    return f"{model}-{config.method}-w{config.bits}g{config.group_size}-{blocks}"
+    width = "mixed-" if config.mixed else f"w{config.bits}"
+    return f"{model}-{config.method}-{width}g{config.group_size}-{blocks}"
 
 
 def connect_cancel(button, session, status, wait: float = 5.0):

@@ -15,9 +15,11 @@ from .common import LiveFigure, SettingsForm, fast_mode, forget_models, full_pre
 from .compare import CompareWidget
 from .generate import GenerateWidget
 from .genie import GenieGallery
+from .plan import PlanWidget
 from .quantize import QuantizeWidget
 from .spectra import SpectrumExplorer
 
-__all__ = ["QuantizeWidget", "CompareWidget", "SpectrumExplorer", "AttentionExplorer", "GenieGallery", "GenerateWidget",
+__all__ = ["QuantizeWidget", "CompareWidget", "PlanWidget", "SpectrumExplorer", "AttentionExplorer", "GenieGallery",
+           "GenerateWidget",
            "LiveFigure", "SettingsForm", "Outcome", "notebook_settings",
            "genie_settings", "fast_mode", "full_precision", "forget_models"]
