@@ -6,6 +6,7 @@ import pytest
 
 from workbench.config import SETTINGS, QuantizeConfig, build_config
 from workbench.errors import WorkbenchError
+from workbench.methods import METHODS
 
 # field, value, method it is given for, what follows the setting's name in the message
 BAD = [
@@ -170,3 +171,18 @@ def test_every_declared_setting_reaches_every_face():
 def test_every_setting_has_a_bad_value_above():
     """The README's table "What bad input gets" points here for every setting: each one is tried."""
     assert {f for f, *_ in BAD} == set(SETTINGS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_untouched_forms_run_every_method_with_its_own_solver_defaults(app_form, method):
+    """A form left as it opens gives each method the solver of the API (a slider, which cannot
+    be empty, stands for the method's default where it starts)."""
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets import SettingsForm
+    form, _ = app_form
+    api = QuantizeConfig(method=method)
+    app = form.config([c.value for c in form.fields.values()], method)
+    widgets = SettingsForm(method=method).config(method)
+    if METHODS[method].solver is not None:
+        assert app.solver() == api.solver() == widgets.solver()
+    assert app.dx_alpha is None and widgets.dx_alpha is None

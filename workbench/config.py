@@ -62,6 +62,17 @@ def _size_problem(value: float) -> str | None:
     return None if value > 0 else f"must be more than 0 MB, got {value}"
 
 
+_FP_STREAM = tuple(m for m, spec in METHODS.items() if spec.fp_stream)
+
+
+def _shared_default(field_name: str, methods: tuple[str, ...]):
+    """The one default of a solver option across ``methods`` (a form field that cannot be empty shows it)."""
+    found = {getattr(METHODS[m].solver, field_name) for m in methods}
+    if len(found) != 1:
+        raise ValueError(f"{field_name} has defaults {sorted(found)} across {methods}; a form field can show one")
+    return found.pop()
+
+
 def _defaults(field_name: str, methods: tuple[str, ...]) -> str:
     """The defaults of a solver option for the methods it applies to, for help texts."""
     found = [f"{m} {getattr(METHODS[m].solver, field_name)}" for m in methods]
@@ -172,9 +183,10 @@ class QuantizeConfig:
                                         f"({_defaults('rows_per_step', ATTENTION)})", low=1, high=4096, optional=True,
                                         methods=ATTENTION, group="solver")
     dx_alpha: float | None = setting(None, float, "dx alpha", "strength of the correction for errors inherited from "
-                                     "earlier layers, 0-1 (turboboa 0.5)", low=0.0, high=1.0, optional=True,
-                                     methods=tuple(m for m, s in METHODS.items() if s.fp_stream), slider=True,
-                                     step=0.05, group="solver")
+                                     f"earlier layers, 0-1 ({_defaults('dx_alpha', _FP_STREAM)})", low=0.0,
+                                     high=1.0, optional=True, methods=_FP_STREAM, slider=True, step=0.05,
+                                     # a slider cannot be empty: it starts at, and stands for, the default
+                                     form_none=_shared_default("dx_alpha", _FP_STREAM), group="solver")
     refine_iters: int | None = setting(None, int, "Refine iterations", "scale-refinement sweeps after rounding "
                                        f"({_defaults('refine_iters', SOLVERS)})", low=0, high=100, optional=True,
                                        methods=SOLVERS, group="solver")

@@ -165,8 +165,10 @@ def setting_widget(s: Setting, value) -> W.ValueWidget:
         return W.Checkbox(value=bool(value), **kw)
     if s.choices:
         return W.Dropdown(options=([METHOD_DEFAULT] if s.optional else []) + list(s.choices), value=shown, **kw)
-    if s.slider:
+    if s.slider and s.kind is int:
         return W.IntSlider(value=shown, min=int(s.low), max=int(s.high), step=int(s.step or 1), **kw)
+    if s.slider:
+        return W.FloatSlider(value=shown, min=s.low, max=s.high, step=s.step, **kw)
     text = "" if shown is None else str(shown)
     if s.suggestions:
         return W.Combobox(value=text, options=[str(o) for o in s.suggestions], ensure_option=False, **kw)
@@ -214,7 +216,7 @@ class SettingsForm(W.VBox):
             w = self.fields[k]
             if isinstance(w, W.Dropdown) and shown not in w.options:
                 w.options = list(w.options) + [shown]
-            w.value = shown if isinstance(w, (W.Dropdown, W.Checkbox, W.IntSlider)) else \
+            w.value = shown if isinstance(w, (W.Dropdown, W.Checkbox, W.IntSlider, W.FloatSlider)) else \
                 ("" if shown is None else str(shown))
 
     def config(self, method: str | None = None) -> QuantizeConfig:
