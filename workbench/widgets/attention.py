@@ -81,13 +81,7 @@ class AttentionExplorer(RunWidget):
         want_spectra = self.with_spectra.value
 
         def on_event(ev):
-            if ev.kind == "phase":
-                self.runner.say(ev.message)
-            elif ev.kind == "progress":
-                self.runner.show_phase(ev)
-            elif ev.kind == "layer_finished":
-                self.runner.set_progress(ev.index, ev.total)
-                self.runner.say(f"{cfg.method}: {ev.index}/{ev.total} layers")
+            self.runner.follow(ev, cfg.method)
 
         def work(cancel):
             outcome = workspace.run(cfg, on_event=on_event, cancel=cancel)

@@ -277,6 +277,16 @@ class Runner:
             self.set_progress(ev.index, ev.total)
         self.say(progress_label(ev))
 
+    def follow(self, ev, what: str):
+        """A run's engine event on the status line and bar: phases, measured phases, ``what: i/n layers``."""
+        if ev.kind == "phase":
+            self.say(ev.message)
+        elif ev.kind == "progress":
+            self.show_phase(ev)
+        elif ev.kind == "layer_finished":
+            self.set_progress(ev.index, ev.total)
+            self.say(f"{what}: {ev.index}/{ev.total} layers")
+
     def check_idle(self):
         if self.running:
             raise WorkbenchError("a run is already in progress; wait for it or press Cancel")

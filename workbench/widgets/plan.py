@@ -203,13 +203,7 @@ class PlanWidget(RunWidget):
         self.result = None
 
         def on_event(ev):
-            if ev.kind == "phase":
-                self.runner.say(ev.message)
-            elif ev.kind == "progress":
-                self.runner.show_phase(ev)
-            elif ev.kind == "layer_finished":
-                self.runner.set_progress(ev.index, ev.total)
-                self.runner.say(f"{cfg.method}: {ev.index}/{ev.total} layers with the plan")
+            self.runner.follow(ev, f"{cfg.method} with the plan")
 
         def done(result: QuantizeResult):
             self.result = result
