@@ -86,8 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--signal-blocks", type=int, default=2, help="blocks whose layers the signals are checked on")
     p.add_argument("--signal-windows", type=int, default=8, help="evaluation windows of each single-layer perplexity")
     p.add_argument("--skip-signals", action="store_true", help="only the rows")
+    p.add_argument("--rows", default=None, help="only the rows whose labels start with one of these, comma-"
+                   "separated (e.g. 'uniform W3,uniform W2,plan at 2.5'); the hand rule's size needs its row")
     p.add_argument("--json", default=None, help="also write the rows (and the signal check) here")
     args = p.parse_args(argv)
+    chosen = None if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r.strip())
     base = QuantizeConfig(model=args.model, group_size=args.group_size, calib_samples=args.calib_samples,
                           seqlen=args.seqlen, eval_windows=args.eval_windows, batch_size=args.batch_size,
                           max_blocks=args.max_blocks, device=args.device).validate()
@@ -100,6 +103,11 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         hand_bytes = None
         for label, settings in rows_of(method):
+            if chosen is not None and not label.startswith(chosen):
+                continue
+            if "max_size" in settings and hand_bytes is None:
+                print(f"| {method} | {label} | skipped: the hand rule's row was not run |||||")
+                continue
             if "max_size" in settings:       # the hand rule's size, to the byte (a budget in MB is floored)
                 settings = {"max_size": (hand_bytes + 0.5) / 1e6}
             budget = "avg_bits" in settings or "max_size" in settings
