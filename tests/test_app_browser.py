@@ -150,10 +150,7 @@ def _set(page, elem_id, value):
 
 @pytest.mark.browser
 def test_quantize_compare_inspect_in_a_browser(app_url, browser, runs_dir):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(120_000)
-    page.goto(app_url)
-    page.wait_for_selector("#wb-run")
+    page = open_app(browser, app_url)
 
     # a bad setting is refused in the page, before any work
     _set(page, "wb-calib-samples", 0)
@@ -280,10 +277,7 @@ def _open_offline(browser, path: Path, shot: str) -> tuple[int, int, int]:
 
 @pytest.mark.browser
 def test_html_report_buttons_download_a_page_that_opens_offline(app_url, browser, runs_dir):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(120_000)
-    page.goto(app_url)
-    page.wait_for_selector("#wb-run")
+    page = open_app(browser, app_url)
     page.locator("#wb-q-report").click()                                 # nothing run yet: said, not written
     page.wait_for_selector("#wb-q-report-status .wb-error")
     assert "press Run first" in page.locator("#wb-q-report-status").inner_text()
@@ -328,6 +322,16 @@ def test_html_report_buttons_download_a_page_that_opens_offline(app_url, browser
     page.close()
 
 
+def open_app(browser, url: str, ready: str | None = "#wb-run", height: int = 1000):
+    """A new page on the app at ``url``, waited on until ``ready`` (one of the page's own elements) shows."""
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    if ready is not None:
+        page.wait_for_selector(ready)
+    return page
+
+
 def _choose(page, elem_id, option):
     """Pick ``option`` (its shown text, or a pattern of it) from the dropdown ``elem_id``."""
     page.locator(f"#{elem_id} input").first.click()
@@ -336,10 +340,7 @@ def _choose(page, elem_id, option):
 
 @pytest.mark.browser
 def test_mixed_precision_plan_in_a_browser(app_url, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.set_default_timeout(120_000)
-    page.goto(app_url)
-    page.wait_for_selector("#wb-run")
+    page = open_app(browser, app_url, height=1100)
     page.locator("#wb-plan-panel").get_by_text("Mixed precision: a width per layer").click()
 
     # a budget below the smallest plan is refused in the panel, in its own words, with the least that fits

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.genie.genie_nets import randomize_bn
-from tests.test_app_browser import ARTIFACTS, _free_port, _need_browser, _shot
+from tests.test_app_browser import ARTIFACTS, _free_port, _need_browser, _shot, open_app
 from tests.test_app_browser import browser  # noqa: F401  (the same Chromium fixture)
 from workbench.errors import WorkbenchError
 from workbench.genie.model import DEFAULT_WEIGHTS, DigitsResNet, ModelConfig
@@ -176,9 +176,7 @@ def _fill(page, elem_id, value):
 
 @pytest.mark.browser
 def test_genie_in_a_browser(genie_app, browser, cnn_file):  # noqa: F811
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(120_000)
-    page.goto(genie_app)
+    page = open_app(browser, genie_app, ready=None)
     page.get_by_role("tab", name="Genie").click()
     page.wait_for_selector("#wb-g-run")
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests import test_app_browser as shared
-from tests.test_app_browser import _set, _shot
+from tests.test_app_browser import _set, _shot, open_app
 from workbench.ui.session import SAVABLE_CAPACITY, Session
 
 # the browser test's app (the tiny injected LM) and Chromium fixtures
@@ -47,10 +47,7 @@ def _prompt(page, prefix: str, text: str):
 
 @pytest.mark.browser
 def test_try_it_in_a_browser(app_url, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(120_000)
-    page.goto(app_url)
-    page.wait_for_selector("#wb-try-run")
+    page = open_app(browser, app_url, ready="#wb-try-run")
 
     assert "run a quantization first" in _generate(page, "wb-try")
 
