@@ -61,17 +61,35 @@ CASES = [(1, 40, 256, True), (3, 8, 256, True), (3, 5, 256, False), (2, 17, 512,
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("B,R,C,shared", CASES)
 def test_one_block_is_the_plain_column_loop_exactly(name, dynamic, B, R, C, shared):
-    """Within one block the loop's updates are the reference's, in the same order: the same codes."""
+    """Within one block the C loop's updates are the reference's, in the same order: the same codes.
+    The eager loop takes each update as one fused multiply-add (``baddbmm``), which rounds once where
+    the reference rounds twice; where the CPU's BLAS fuses it (AVX-512 here), the last bits differ and
+    a rounding tie may flip a code."""
     grid = GRIDS[name]
     W, U = column_problem(B * R + C, B, R, C, shared)
     scale, zero = static_grid(W, grid)
     unit = grid.grid_unit(C)
     ref_q, ref_s, ref_z = reference_columns(W, U, scale, zero, grid, unit, dynamic)
     for eager in (False, True):
+        if not eager and not native.usable(W):
+            continue
         s, z = scale.clone(), zero.clone()
         q = gptq_columns(W, U, s, z, grid, unit, dynamic, block_size=C, eager=eager)
-        assert torch.equal(q, ref_q), (name, eager)
-        assert torch.equal(s, ref_s) and torch.equal(z, ref_z)
+        if not eager:
+            assert torch.equal(q, ref_q), name
+            assert torch.equal(s, ref_s) and torch.equal(z, ref_z)
+            continue
+        assert_codes_agree(grid, (q, s, z), (ref_q, ref_s, ref_z))
+
+
+def assert_codes_agree(grid, got, ref):
+    """The codes of two loops whose weights differ in their last bits: a rounding tie may flip a code, and
+    with dynamic groups that moves the row's later grids a little."""
+    quantize_codes = grid_functions(grid)[1]
+    (q, s, z), (ref_q, ref_s, ref_z) = got, ref
+    codes, ref_codes = quantize_codes(q, s, z, grid.maxq), quantize_codes(ref_q, ref_s, ref_z, grid.maxq)
+    assert (codes != ref_codes).float().mean() < 0.01
+    assert ((s - ref_s).abs() > 1e-5 * ref_s.abs()).float().mean() < 0.03
 
 
 @pytest.mark.parametrize("name", list(GRIDS))
@@ -84,20 +102,19 @@ def test_blocks_keep_the_codes_of_the_plain_column_loop(name, dynamic, block_siz
     W, U = column_problem(7, 2, 24, 512)
     scale, zero = static_grid(W, grid)
     unit = grid.grid_unit(512)
-    quantize_codes = grid_functions(grid)[1]
     ref_q, ref_s, ref_z = reference_columns(W, U, scale, zero, grid, unit, dynamic)
     s, z = scale.clone(), zero.clone()
     q = gptq_columns(W, U, s, z, grid, unit, dynamic, block_size)
-    codes, ref_codes = quantize_codes(q, s, z, grid.maxq), quantize_codes(ref_q, ref_s, ref_z, grid.maxq)
-    assert (codes != ref_codes).float().mean() < 0.01
-    assert ((s - ref_s).abs() > 1e-5 * ref_s.abs()).float().mean() < 0.03
+    assert_codes_agree(grid, (q, s, z), (ref_q, ref_s, ref_z))
 
 
 @needs_c
 @pytest.mark.parametrize("name", list(GRIDS))
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("B,R,C,shared", CASES)
-def test_the_c_loop_is_the_eager_loop_exactly(name, dynamic, B, R, C, shared):
+def test_the_c_loop_keeps_the_codes_of_the_eager_loop(name, dynamic, B, R, C, shared):
+    """The same updates in the same order; exactly the same only where ``baddbmm`` does not fuse its
+    multiply-add (see the test above)."""
     grid = GRIDS[name]
     W, U = column_problem(B + R + C, B, R, C, shared)
     scale, zero = static_grid(W, grid)
@@ -106,8 +123,7 @@ def test_the_c_loop_is_the_eager_loop_exactly(name, dynamic, B, R, C, shared):
     for eager in (False, True):
         s, z = scale.clone(), zero.clone()
         out.append((gptq_columns(W, U, s, z, grid, unit, dynamic, block_size=48, eager=eager), s, z))
-    for a, b in zip(*out):
-        assert torch.equal(a, b)
+    assert_codes_agree(grid, *out)
 
 
 @needs_c
