@@ -190,6 +190,10 @@ class QuantizeConfig:
     refine_iters: int | None = setting(None, int, "Refine iterations", "scale-refinement sweeps after rounding "
                                        f"({_defaults('refine_iters', SOLVERS)})", low=0, high=100, optional=True,
                                        methods=SOLVERS, group="solver")
+    passes: int | None = setting(None, int, "Passes", "column-loop passes: each after the first solves the codes "
+                                 "again on the grids the refinement left and refines those, kept while the layer's "
+                                 f"objective falls ({_defaults('passes', SOLVERS)})", low=1, high=20,
+                                 optional=True, methods=SOLVERS, group="solver")
     grid_at_start: bool | None = setting(None, bool, "Grid at start", "grids from the initial weights instead of when "
                                          "each row is reached", optional=True, methods=SOLVERS, group="solver")
     value_output: str = setting("identity", str, "Value output factor", "output factor of the value projection's "
@@ -215,8 +219,8 @@ class QuantizeConfig:
 
     def solver(self) -> SolverConfig:
         base = method_spec(self.method).solver or SolverConfig()
-        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "grid_at_start",
-                                                "act_order") if getattr(self, k) is not None}
+        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "passes",
+                                                "grid_at_start", "act_order") if getattr(self, k) is not None}
         return dataclasses.replace(base, damp=self.damp, block_size=self.block_size, **chosen)
 
     def activations(self) -> ActivationGrid:

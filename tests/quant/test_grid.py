@@ -1,3 +1,4 @@
+import dataclasses
 import pytest
 import torch
 
@@ -75,3 +76,46 @@ def test_group_size_must_divide_width():
     with pytest.raises(WorkbenchError, match="does not divide the input width 576"):
         GridConfig(group_size=100).group_width(576)
     assert GridConfig(group_size=-1).group_width(576) == 576
+
+
+def _weighted_brute_force(w, weight, cfg):
+    """Every shrink of the range, one at a time: the least weighted squared error, the first of equals."""
+    from workbench.quant.grid import range_params
+    best = None
+    for i in range(int(cfg.mse_max_shrink * cfg.mse_steps) + 1):
+        s, z = range_params(w.amin(), w.amax(), cfg.maxq, cfg.symmetric, 1 - i / cfg.mse_steps)
+        err = float(((fake_quantize(w, s, z, cfg.maxq) - w) ** 2 * weight).sum())
+        if best is None or err < best[0]:
+            best = (err, float(s), float(z))
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_hessian_search_takes_the_least_weighted_error_of_every_range(symmetric):
+    g = torch.Generator().manual_seed(3)
+    cfg = GridConfig(bits=2, group_size=16, symmetric=symmetric, search="hessian")
+    W = torch.randn(5, 48, generator=g) * torch.linspace(0.2, 3, 48)
+    weight = torch.rand(48, generator=g) ** 4 * 100        # a few columns the inputs excite most
+    scale, zero = group_params(W, cfg, weight)
+    for r in range(5):
+        for gi in range(3):
+            cols = slice(16 * gi, 16 * gi + 16)
+            _, s, z = _weighted_brute_force(W[r, cols], weight[cols], cfg)
+            assert scale[r, gi].item() == pytest.approx(s, rel=1e-6) and zero[r, gi].item() == z
+
+
+def test_hessian_search_fits_the_heavy_columns_better_than_mse():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(64, 64, generator=g)
+    weight = torch.ones(64)
+    weight[:8] = 1000.0
+    heavy = GridConfig(bits=2, group_size=64, search="hessian")
+    plain = GridConfig(bits=2, group_size=64, search="mse", mse_norm=2.0)
+
+    def weighted_loss(cfg):
+        s, z = group_params(W, cfg, weight)
+        q = fake_quantize(W, expand_groups(s, 64), expand_groups(z, 64), cfg.maxq)
+        return float(((q - W) ** 2 * weight).sum())
+    assert weighted_loss(heavy) < 0.9 * weighted_loss(plain)
+    # without weights (a method with no Hessian) the search is the MSE one
+    assert torch.equal(group_params(W, heavy)[0], group_params(W, dataclasses.replace(heavy, search="mse"))[0])

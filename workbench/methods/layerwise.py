@@ -14,7 +14,7 @@ GPTQ_SOLVER = SolverConfig(act_order=True)
 def rtn_layer(p: LayerProblem) -> SolveResult:
     """Round to nearest on the grid; the loss is GPTQ's, for comparison."""
     W32 = p.W.float()
-    scale, zero = group_params(W32, p.grid)
+    scale, zero = group_params(W32, p.grid, p.H.diagonal().float())   # the weights of a hessian search
     C = W32.shape[-1]
     codes = grid_functions(p.grid)[1](W32, expand_groups(scale, C), expand_groups(zero, C), p.grid.maxq)
     q = from_codes(codes, scale, zero, p.grid)

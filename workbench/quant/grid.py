@@ -18,7 +18,7 @@ from .compiled import kernel
 from .lattice import SUPER_BLOCK, lattice, place_minimums, place_scales, types_for_width
 from .native import mse_screen
 
-SEARCHES = ("minmax", "mse")
+SEARCHES = ("minmax", "mse", "hessian")   # hessian: MSE weighted by diag(H_in) per column
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,34 @@ def exact_choice(rows, lo, hi, shrinks, near, open_rows, cfg: GridConfig) -> tor
     return torch.full((n,), near.shape[-1], dtype=c.dtype).scatter_reduce(0, i[at_least], c[at_least], "amin")
 
 
+def weighted_params(w: torch.Tensor, weight: torch.Tensor, cfg: GridConfig):
+    """The ranges of ``mse_params`` chosen by ``sum_j weight_j (q_j - w_j)^2``: with ``weight = diag(H_in)``,
+    the layer's loss without the columns' cross terms, so a column the inputs excite more gets the finer
+    fit (the second-order search of the BoA and TurboBoA papers' code). Every candidate of a slice at once,
+    in chunks of slices; the first of equal errors wins, as in the sequential search."""
+    n = w.shape[-1]
+    rows = w.reshape(-1, n)
+    weights = weight.to(w.dtype).expand_as(w).reshape(-1, n)
+    shrinks = torch.tensor([1 - i / cfg.mse_steps for i in range(int(cfg.mse_max_shrink * cfg.mse_steps) + 1)],
+                           dtype=w.dtype, device=w.device).view(1, -1, 1)
+    scale = torch.empty(rows.shape[0], 1, dtype=w.dtype, device=w.device)
+    zero = torch.empty_like(scale)
+    chunk = max(1, WEIGHTED_CHUNK // (shrinks.numel() * n))
+    for i in range(0, rows.shape[0], chunk):
+        r, wt = rows[i:i + chunk].unsqueeze(1), weights[i:i + chunk].unsqueeze(1)      # [N, 1, n]
+        s, z = range_params(r.amin(-1, keepdim=True), r.amax(-1, keepdim=True), cfg.maxq, cfg.symmetric, shrinks,
+                            cfg.min_offset)                                          # [N, K, 1]
+        q = fake_quantize_min(r, s, z, cfg.maxq) if cfg.min_offset else fake_quantize(r, s, z, cfg.maxq)
+        best = ((q - r).square() * wt).sum(-1).nan_to_num(nan=float("inf")).argmin(-1)   # [N]
+        pick = best.view(-1, 1, 1)
+        scale[i:i + chunk], zero[i:i + chunk] = s.gather(1, pick).squeeze(1), z.gather(1, pick).squeeze(1)
+    shape = (*w.shape[:-1], 1)
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+WEIGHTED_CHUNK = 1 << 23    # candidate errors evaluated at once (floats): 32 MB per temporary
+
+
 def range_error(w, scale, zero, maxq: int, norm: float, min_offset: bool = False) -> torch.Tensor:
     q = fake_quantize_min(w, scale, zero, maxq) if min_offset else fake_quantize(w, scale, zero, maxq)
     return (q - w).abs().pow(norm).sum(-1, keepdim=True)
@@ -225,9 +253,12 @@ def mse_search_step(w, lo, hi, shrink, best_err, best_scale, best_zero, maxq: in
     return torch.where(better, err, best_err), torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
 
 
-def find_params(w: torch.Tensor, cfg: GridConfig):
-    """Grid of each slice along the last dim of ``w`` (a row or a group)."""
-    if cfg.search == "mse":
+def find_params(w: torch.Tensor, cfg: GridConfig, weight: torch.Tensor | None = None):
+    """Grid of each slice along the last dim of ``w`` (a row or a group); ``weight`` (broadcast to
+    ``w``) weighs each weight's error in the ``hessian`` search, and is ignored by the others."""
+    if cfg.search == "hessian" and weight is not None:
+        return weighted_params(w, weight, cfg)
+    if cfg.search in ("mse", "hessian"):
         return mse_params(w, cfg)
     return minmax_params(w, cfg.maxq, cfg.symmetric, min_offset=cfg.min_offset)
 
@@ -237,9 +268,11 @@ def grouped(w: torch.Tensor, width: int) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], w.shape[-1] // width, width)
 
 
-def group_params(w: torch.Tensor, cfg: GridConfig):
-    """Per-group scale and zero for a weight ``[..., d_in]``: shapes ``[..., n_groups]``."""
-    scale, zero = find_params(grouped(w, cfg.group_width(w.shape[-1])), cfg)
+def group_params(w: torch.Tensor, cfg: GridConfig, weight: torch.Tensor | None = None):
+    """Per-group scale and zero for a weight ``[..., d_in]``: shapes ``[..., n_groups]``. ``weight``
+    ``[..., d_in]`` (broadcast to ``w``): each column's weight in the ``hessian`` search."""
+    width = cfg.group_width(w.shape[-1])
+    scale, zero = find_params(grouped(w, width), cfg, None if weight is None else grouped(weight, width))
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
     if cfg.lattice is None:
         return scale, zero

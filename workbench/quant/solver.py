@@ -28,6 +28,7 @@ class SolverConfig:
     grid_at_start: bool = False   # grids from the weights before any update (BoA); else when reached
     refine_iters: int = 0         # coordinate-descent sweeps over the row scales after rounding
     dx_alpha: float = 0.0         # strength of the correction for errors of earlier layers
+    passes: int = 1               # column loops: each after the first re-solves the codes on the refined grids
 
 
 @dataclass
@@ -144,14 +145,15 @@ def kronecker_loss(dW: torch.Tensor, H_in: torch.Tensor, H_out: torch.Tensor | N
 
 def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  grid: GridConfig, group_width: int, dynamic: bool, block_size: int,
-                 eager: bool = False) -> torch.Tensor:
+                 eager: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ's column loop on ``W [B, R, C]`` with ``U [B|1, C, C]``; returns the quantized weights.
 
     ``scale``/``zero`` are per column ``[B, R, C]``; with ``dynamic`` a group's slices are filled
     (in place) from the current, already updated weights when its first column is reached
     (``group_width`` columns at once: a group, or a K-quant super-block of groups). A block's
     columns run in the C loop of ``native`` where it can; ``eager`` forces the loop of tensor
-    operations, which any device runs.
+    operations, which any device runs. ``weight [B|1, 1, C]``: the columns' weights of a
+    ``hessian`` grid search.
     """
     C = W.shape[-1]
     U = U.contiguous().expand(W.shape[0], C, C)               # the C loop reads U by rows
@@ -168,7 +170,8 @@ def gptq_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: to
         starts = list(range(0, i2 - i1, group_width)) if regrid else [0]
         for a, b in zip(starts, starts[1:] + [i2 - i1]):
             if regrid:
-                s, z = group_params(W1[..., a:a + group_width], grid)
+                cols = slice(i1 + a, i1 + a + group_width)
+                s, z = group_params(W1[..., a:a + group_width], grid, None if weight is None else weight[..., cols])
                 s1[..., a:a + group_width] = expand_groups(s, group_width)
                 z1[..., a:a + group_width] = expand_groups(z, group_width)
             columns(W1, s1, z1, Q[..., i1:i2], err, U[:, i1:i2, i1:i2], a, b, grid)
@@ -297,65 +300,100 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     rows_take_grids = H_out is not None and grid_per_row      # each row step sets its own grids
     scale = torch.empty_like(Wf)
     zero = torch.empty_like(Wf)
+    # the hessian search weighs a column's error by its input's energy, diag(H_in): [B|1, 1, C]
+    weight = f_in.H.diagonal(dim1=-2, dim2=-1).unsqueeze(1) if grid.search == "hessian" else None
     if not rows_take_grids and (cfg.grid_at_start or cfg.act_order or unit == C):
-        s, z = group_params(Wf, grid)
+        s, z = group_params(Wf, grid, weight)
         scale[:], zero[:] = expand_groups(s, C), expand_groups(z, C)
 
     perm = inv = None
     if f_in.perm is not None:
         perm = f_in.perm.expand(heads, C)
         inv = torch.argsort(perm, dim=-1)
-        Wf, scale, zero = (_permute_cols(t, perm) for t in (Wf, scale, zero))
-    U_in = f_in.U
-
-    if H_out is None:
-        Q = gptq_columns(Wf, U_in, scale, zero, grid, unit, dynamic_groups, cfg.block_size)
-    else:
+    Ho = U_out = None
+    if H_out is not None:
         f_out = stable_factor(H_out.to(torch.float32), cfg.damp, "the output Hessian")
         damping["damp_out"], Ho, U_out = f_out.damp, f_out.H, f_out.U
-        Q = torch.empty_like(Wf)
-        R = Wf.shape[1]
-        step = max(1, cfg.rows_per_step)
-        for r0 in range(0, R, step):
-            r1 = min(r0 + step, R)
-            if rows_take_grids:   # grids of the rows as compensation has left them (adaptive grid)
-                s, z = _row_grid(Wf[:, r0:r1], perm, inv, grid)
-                scale[:, r0:r1], zero[:, r0:r1] = s, z
-            Q[:, r0:r1] = gptq_columns(Wf[:, r0:r1], U_in, scale[:, r0:r1], zero[:, r0:r1], grid, unit,
-                                       dynamic_groups, cfg.block_size)
-            if r1 < R:
-                Wf[:, r1:] += row_compensation(U_out, r0, r1) @ (Wf[:, r0:r1] - Q[:, r0:r1])
+    H_refine = f_in.H.expand(heads, C, C)
 
-    if perm is not None:
-        Q, scale, zero = (_permute_cols(t, inv) for t in (Q, scale, zero))
+    def column_pass(scale, zero, take_grids: bool, dynamic: bool):
+        """The column loop (and the row steps) from ``target``: codes and per-group grids."""
+        Wp, scale, zero = (t if perm is None else _permute_cols(t, perm) for t in (target.clone(), scale, zero))
+        Q = _columns_and_rows(Wp, f_in.U, U_out, scale, zero, grid, unit, dynamic, cfg, take_grids, perm, inv,
+                              weight)
+        if perm is not None:
+            Q, scale, zero = (_permute_cols(t, inv) for t in (Q, scale, zero))
+        return Q, quantize_codes(Q, scale, zero, grid.maxq), scale[..., ::gw], zero[..., ::gw]
 
-    scale_g, zero_g = scale[..., ::gw], zero[..., ::gw]
     _, quantize_codes, dequantize = grid_functions(grid)
-    codes = quantize_codes(Q, scale, zero, grid.maxq)
+    Q, codes, scale_g, zero_g = column_pass(scale, zero, rows_take_grids, dynamic_groups)
     if cfg.refine_iters > 0:
-        if grid.min_offset:   # W_hat = s c - m: the scales' loss is that of codes c about W + m
-            scale_g = refine_scales(codes, scale_g, torch.zeros_like(zero_g), target + expand_groups(zero_g, C),
-                                    f_in.H.expand(heads, C, C), None if H_out is None else Ho, gw,
-                                    cfg.refine_iters)
-        else:
-            scale_g = refine_scales(codes, scale_g, zero_g, target, f_in.H.expand(heads, C, C),
-                                    None if H_out is None else Ho, gw, cfg.refine_iters)
-        if grid.lattice is not None:   # back onto the scales the file can hold
-            scale_g = place_scales(scale_g, lattice(grid.lattice))
+        scale_g = _refined(codes, scale_g, zero_g, target, H_refine, Ho, grid, gw, cfg.refine_iters)
         Q = dequantize(codes, expand_groups(scale_g, C), expand_groups(zero_g, C))
+    if cfg.passes > 1:
+        # alternate: codes solved again on the refined grids, then the scales refined for those codes;
+        # each pass is kept only if it lowers the objective the solver works on
+        best = float(kronecker_loss(Q - target, H_refine, Ho))
+        for _ in range(cfg.passes - 1):
+            Q2, c2, s2, z2 = column_pass(expand_groups(scale_g, C), expand_groups(zero_g, C), False, False)
+            if cfg.refine_iters > 0:
+                s2 = _refined(c2, s2, z2, target, H_refine, Ho, grid, gw, cfg.refine_iters)
+                Q2 = dequantize(c2, expand_groups(s2, C), expand_groups(z2, C))
+            loss2 = float(kronecker_loss(Q2 - target, H_refine, Ho))
+            if not loss2 < best:
+                break
+            best, codes, scale_g, zero_g, Q = loss2, c2, s2, z2, Q2
+        damping["passes_loss"] = best
 
     loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
                           None if H_out is None else H_out.to(torch.float32))
     return SolveResult(from_codes(codes, scale_g, zero_g, grid), float(loss), damping)
 
 
-def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, inv: torch.Tensor | None, grid: GridConfig):
-    """Per-column scale and zero of ``rows [B, n, C]`` (stored in ``perm`` order, ``inv`` its inverse)."""
+def _columns_and_rows(Wf, U_in, U_out, scale, zero, grid, unit, dynamic, cfg: SolverConfig, take_grids: bool,
+                      perm, inv, weight) -> torch.Tensor:
+    """The quantized ``Wf [B, R, C]`` (columns in the loop's order): GPTQ's column loop over all rows, or with
+    ``U_out`` (an output Hessian) ``rows_per_step`` rows at a time with the rest compensated through it;
+    ``take_grids``: each row step takes its rows' grids as compensation has left them (adaptive grid)."""
+    if U_out is None:
+        return gptq_columns(Wf, U_in, scale, zero, grid, unit, dynamic, cfg.block_size, weight=weight)
+    Q = torch.empty_like(Wf)
+    R = Wf.shape[1]
+    step = max(1, cfg.rows_per_step)
+    for r0 in range(0, R, step):
+        r1 = min(r0 + step, R)
+        if take_grids:
+            s, z = _row_grid(Wf[:, r0:r1], perm, inv, grid, weight)
+            scale[:, r0:r1], zero[:, r0:r1] = s, z
+        Q[:, r0:r1] = gptq_columns(Wf[:, r0:r1], U_in, scale[:, r0:r1], zero[:, r0:r1], grid, unit, dynamic,
+                                   cfg.block_size, weight=weight)
+        if r1 < R:
+            Wf[:, r1:] += row_compensation(U_out, r0, r1) @ (Wf[:, r0:r1] - Q[:, r0:r1])
+    return Q
+
+
+def _refined(codes, scale_g, zero_g, target, H_in, H_out, grid: GridConfig, gw: int, sweeps: int) -> torch.Tensor:
+    """``refine_scales`` for the grid's form, with the scales put back on a GGUF lattice."""
+    C = target.shape[-1]
+    if grid.min_offset:   # W_hat = s c - m: the scales' loss is that of codes c about W + m
+        scale_g = refine_scales(codes, scale_g, torch.zeros_like(zero_g), target + expand_groups(zero_g, C),
+                                H_in, H_out, gw, sweeps)
+    else:
+        scale_g = refine_scales(codes, scale_g, zero_g, target, H_in, H_out, gw, sweeps)
+    if grid.lattice is not None:   # back onto the scales the file can hold
+        scale_g = place_scales(scale_g, lattice(grid.lattice))
+    return scale_g
+
+
+def _row_grid(rows: torch.Tensor, perm: torch.Tensor | None, inv: torch.Tensor | None, grid: GridConfig,
+              weight: torch.Tensor | None = None):
+    """Per-column scale and zero of ``rows [B, n, C]`` (stored in ``perm`` order, ``inv`` its inverse;
+    ``weight`` in the columns' own order)."""
     C = rows.shape[-1]
     if perm is None:
-        s, z = group_params(rows, grid)
+        s, z = group_params(rows, grid, weight)
         return expand_groups(s, C), expand_groups(z, C)
-    s, z = group_params(_permute_cols(rows, inv), grid)
+    s, z = group_params(_permute_cols(rows, inv), grid, weight)
     return _permute_cols(expand_groups(s, C), perm), _permute_cols(expand_groups(z, C), perm)
 
 
