@@ -26,7 +26,7 @@ def assert_clean_failure(code, err, report, needle):
     (["--bits", "9"], "--bits must be at most 8, got 9"),
     (["--bits", "1"], "--bits must be at least 2, got 1"),
     (["--bits", "four"], "--bits must be a whole number, got 'four'"),
-    (["--method", "awq"], "--method must be one of rtn, gptq, boa, turboboa, aespa, brecq, got 'awq'"),
+    (["--method", "awq"], "--method must be one of rtn, gptq, boa, turboboa, turboboa-tuned, aespa, brecq, got 'awq'"),
     (["--iters", "5"], "--iters applies to aespa, brecq, not gptq"),
     (["--lr", "nan", "--method", "aespa"], "--lr must be a finite number, got nan"),
     (["--group-size", "24"], "group size 24 does not divide the input width 64"),

@@ -22,8 +22,8 @@ BAD = [
     ("init", "awq", "aespa", "must be one of rtn, gptq, boa, got 'awq'"),
     ("device", "tpu", "gptq", "must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("model", " ", "gptq", "is empty; give smollm2-135m (embedded), a checkpoint directory, or a hub id"),
-    ("grid_search", "best", "gptq", "must be one of minmax, mse, got 'best'"),
-    ("method", "awq", "gptq", "must be one of rtn, gptq, boa, turboboa, aespa, brecq, got 'awq'"),
+    ("grid_search", "best", "gptq", "must be one of minmax, mse, hessian, got 'best'"),
+    ("method", "awq", "gptq", "must be one of rtn, gptq, boa, turboboa, turboboa-tuned, aespa, brecq, got 'awq'"),
     ("calib", " ", "gptq", "is empty; give wikitext2, a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]"),
     ("eval_text", "", "gptq", "is empty; give text for perplexity: wikitext2-test (the WikiText-2 raw test split), "
                               "a text file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]"),
@@ -46,6 +46,9 @@ BAD = [
     ("act_order", "sometimes", "gptq", "must be on or off, got 'sometimes'"),
     ("block_size", 0, "gptq", "must be at least 1, got 0"),
     ("refine_iters", 101, "turboboa", "must be at most 100, got 101"),
+    ("passes", 0, "gptq", "must be at least 1, got 0"),
+    ("tune_steps", -1, "turboboa-tuned", "must be at least 0, got -1"),
+    ("tune_lr", 2, "turboboa-tuned", "must be between 1e-06 and 1.0, got 2.0"),
     ("grid_at_start", "x", "boa", "must be on or off, got 'x'"),
     ("value_output", "q", "boa", "must be one of identity, o_proj, got 'q'"),
     ("lr", "inf", "aespa", "must be a finite number, got inf"),
@@ -142,7 +145,7 @@ def test_widgets_form(field, value, method, body):
 def test_a_setting_for_another_method_is_refused_or_left_out():
     with pytest.raises(WorkbenchError, match="^--iters applies to aespa, brecq, not gptq$"):
         build_config({"method": "gptq", "iters": 5}, "cli")
-    with pytest.raises(WorkbenchError, match="^Value output factor applies to boa, turboboa, aespa, not rtn$"):
+    with pytest.raises(WorkbenchError, match="^Value output factor applies to boa, turboboa, turboboa-tuned, aespa, not rtn$"):
         build_config({"method": "rtn", "value_output": "o_proj"}, "app")
     # a form serves every method: what does not apply to a method keeps its default there
     from workbench.config import for_method

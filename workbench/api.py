@@ -79,7 +79,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
     device = resolve_device(cfg.device)
     ranks = from_environment()
     if ranks.active and method_spec(cfg.method).block is not None:
-        raise WorkbenchError(f"{cfg.method} trains whole blocks on its own windows and is not data-parallel; run it "
+        raise WorkbenchError(f"{cfg.method} trains each block on its windows and is not data-parallel; run it "
                              f"in one process (without torchrun)")
     offload = choose_offload(cfg, loaded)
     if offload == DISK and cfg.transforms_activations:
@@ -139,6 +139,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                                 cfg.batch_size, cfg.max_blocks, on_event, cancel,
                                 options={"value_output": cfg.value_output, "measure_batches": cfg.measure_batches,
                                          "learned": {"seed": cfg.seed, **cfg.learned()}, "ignore": cfg.ignore,
+                                         "tuning": {"seed": cfg.seed, **cfg.tuning()},
                                          "act_clip_search": cfg.act_bits < ACT_OFF and cfg.act_clip is None},
                                 ranks=ranks, store=DiskBlocks(work, export) if streamed else None,
                                 activations=pool, packed=packed, plan=None if plan is None else plan.bits)

@@ -13,7 +13,7 @@ from .attention_hessians import VALUE_OUTPUTS
 from .data import DEFAULT_CALIB, DEFAULT_EVAL
 from .devices import availability_problem, device_problem
 from .errors import WorkbenchError
-from .methods import INITS, METHODS, LearnedOptions, method_spec
+from .methods import INITS, METHODS, LearnedOptions, ScaleTuning, method_spec
 from .mixed.overrides import BITS_RANGE, overrides_problem
 from .mixed.plan import plan_file_problem
 from .mixed.sensitivity import FISHER, SIGNALS
@@ -30,10 +30,12 @@ from .rotate import KINDS as ROTATIONS
 from .settings import Setting, defaults_of, setting, settings_of
 
 _LEARNED = LearnedOptions()
-SOLVERS = ("gptq", "boa", "turboboa", "aespa")          # the column-loop solver runs (aespa: its start)
-ATTENTION = ("boa", "turboboa", "aespa")                 # attention-aware q/k/v factors
+_TUNING = ScaleTuning()
+SOLVERS = tuple(m for m, spec in METHODS.items() if spec.solver is not None)   # the column-loop solver runs
+ATTENTION = tuple(m for m, spec in METHODS.items() if spec.attention_aware)   # attention-aware q/k/v factors
+TUNED = tuple(m for m, spec in METHODS.items() if spec.tunes_scales)          # block-wise scale tuning
 SEED_MAX = 2 ** 32 - 1     # what every generator seeded from it (torch, numpy) accepts
-STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.block is None)
+STAGE_WISE = tuple(m for m, spec in METHODS.items() if spec.layer is not None)
 GGUF_PREFIX = "gguf:"
 FORMATS = ("pack-quantized", "fake-quant") + tuple(GGUF_PREFIX + t for t in LATTICES)
 INTEGER_ZERO = ("aespa", "brecq")    # learned rounding keeps an integer zero point: no stored minimums
@@ -173,8 +175,9 @@ class QuantizeConfig:
     measure_batches: int = setting(2, int, "Measure batches", "calibration batches for the attention error of q/k/v",
                                    low=1, methods=STAGE_WISE, group="run")
     # -- the solver (None: the method's default)
-    damp: float = setting(0.01, float, "Damping", "damping, a fraction of the mean Hessian diagonal", low=0.0,
-                          high=0.999, methods=SOLVERS, group="solver")
+    damp: float | None = setting(None, float, "Damping", "damping, a fraction of the mean Hessian diagonal "
+                                 f"({_defaults('damp', SOLVERS)})", low=0.0, high=0.999, optional=True,
+                                 methods=SOLVERS, group="solver")
     act_order: bool | None = setting(None, bool, "Act order", "columns by descending Hessian diagonal, static groups "
                                      f"({_defaults('act_order', SOLVERS)})", optional=True, methods=SOLVERS, group="solver")
     block_size: int = setting(128, int, "Lazy block", "columns per lazy-update block", low=1, high=65536,
@@ -204,6 +207,12 @@ class QuantizeConfig:
                                 methods=("aespa", "brecq"), group="learned")
     lr: float | None = setting(None, float, "Learning rate", f"Adam on the rounding variables; default {_LEARNED.lr}",
                                low=1e-6, high=10.0, optional=True, methods=("aespa", "brecq"), group="learned")
+    tune_steps: int | None = setting(None, int, "Tuning steps", "Adam steps per block on the group scales, one "
+                                     f"calibration window each (0 = no tuning); default {_TUNING.steps}", low=0,
+                                     high=100000, optional=True, methods=TUNED, group="learned")
+    tune_lr: float | None = setting(None, float, "Tuning rate", "Adam's learning rate on the log of each group "
+                                    f"scale; default {_TUNING.lr}", low=1e-6, high=1.0, optional=True,
+                                    methods=TUNED, group="learned")
     init: str | None = setting(None, str, "Start from", f"aespa's starting rounding; default {_LEARNED.init}",
                                choices=INITS, optional=True, methods=("aespa",), group="learned")
 
@@ -219,9 +228,9 @@ class QuantizeConfig:
 
     def solver(self) -> SolverConfig:
         base = method_spec(self.method).solver or SolverConfig()
-        chosen = {k: getattr(self, k) for k in ("rows_per_step", "dx_alpha", "refine_iters", "passes",
+        chosen = {k: getattr(self, k) for k in ("damp", "rows_per_step", "dx_alpha", "refine_iters", "passes",
                                                 "grid_at_start", "act_order") if getattr(self, k) is not None}
-        return dataclasses.replace(base, damp=self.damp, block_size=self.block_size, **chosen)
+        return dataclasses.replace(base, block_size=self.block_size, **chosen)
 
     def activations(self) -> ActivationGrid:
         """The per-token grid of the layers' inputs (its clip 1 until searched, when ``act_clip`` is None)."""
@@ -246,6 +255,11 @@ class QuantizeConfig:
 
     def candidates(self) -> tuple[int, ...]:
         return tuple(sorted({int(b) for b in self.candidate_bits}))
+
+    def tuning(self) -> dict:
+        """Options of the block-wise scale tuning that are set."""
+        return {k: getattr(self, name) for name, k in (("tune_steps", "steps"), ("tune_lr", "lr"))
+                if getattr(self, name) is not None}
 
     def learned(self) -> dict:
         """Options of the learned-rounding methods that are set."""

@@ -178,6 +178,9 @@ class BlockQuantizer:
             self.result.packed = packed
         self.done = 0
         self.total = 0
+        # the layers recorded in the block being quantized: name -> (record, full-precision weight, H), for a
+        # block strategy that changes them after the solve (``methods.scale_tuning``)
+        self.block_layers: dict[str, tuple[LayerRecord, torch.Tensor, torch.Tensor]] = {}
 
     # -- events, cancel, clocks: what block strategies use too ------------------------------------
     def emit(self, **kw):
@@ -209,6 +212,7 @@ class BlockQuantizer:
             extra["bits"] = quantized.grid.bits
         rec = LayerRecord(name=name, block=b, kind=kind, loss=loss, rel_error=rel, seconds=seconds, extra=extra)
         self.result.layers.append(rec)
+        self.block_layers[name] = (rec, W32, H)
         self.done += 1
         return rec
 
@@ -243,10 +247,12 @@ class BlockQuantizer:
         for b in range(n_blocks):
             block = store.fetch(b, self.device)
             fp_block = full_precision_copy(block) if hidden_fp is not None else None
+            self.block_layers = {}
             hidden, hidden_fp = strategy(self, BlockJob(b, block, fp_block, hidden, hidden_fp, ctx))
             hidden, hidden_fp = self.keep(hidden), self.keep(hidden_fp)
             store.finish(b, block)
             del block, fp_block     # before the next block is fetched: one block in memory at a time
+            self.block_layers = {}
             self.emit(kind="block_finished", block=b)
         self.emit(kind="done")
         return self.result

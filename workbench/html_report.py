@@ -58,7 +58,8 @@ class SpectraData:
     @classmethod
     def from_config(cls, spectra: Spectra, config) -> "SpectraData":
         """From the ``QuantizeConfig`` the spectra were computed with (the app's Inspect tab)."""
-        return cls(spectra, config.model, {k: getattr(config, k) for k in SPECTRA_SETTINGS})
+        return cls(spectra, config.model, {k: config.solver().damp if k == "damp" else getattr(config, k)
+                                           for k in SPECTRA_SETTINGS})
 
 
 SPECTRA_SETTINGS = ("calib", "calib_samples", "seqlen", "seed", "max_blocks", "damp")

@@ -259,7 +259,7 @@ def default_heldout(cfg: QuantizeConfig) -> int:
 
 def spectra_key(cfg: QuantizeConfig) -> tuple:
     """Spectra depend on the model and the calibration windows only."""
-    return (cfg.model, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.max_blocks, cfg.device, cfg.damp)
+    return (cfg.model, cfg.calib, cfg.calib_samples, cfg.seqlen, cfg.seed, cfg.max_blocks, cfg.device, cfg.solver().damp)
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -397,4 +397,4 @@ def _spectra(cfg, models, on_event, cancel, heads) -> Spectra:
     with holding(shared.lock, cancel):
         return hessian_spectra(shared.walkable(), shared.loaded.family, ids, batch_size=cfg.batch_size,
                                device=resolve_device(cfg.device), max_blocks=cfg.max_blocks, heads=heads,
-                               damp=cfg.damp, on_block=on_block, cancel=cancel)
+                               damp=cfg.solver().damp, on_block=on_block, cancel=cancel)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-METHOD_COLORS = {"rtn": "#7f7f7f", "gptq": "#1f77b4", "boa": "#ff7f0e", "turboboa": "#2ca02c"}
+METHOD_COLORS = {"rtn": "#7f7f7f", "gptq": "#1f77b4", "boa": "#ff7f0e", "turboboa": "#2ca02c",
+                 "turboboa-tuned": "#d62728"}
 METHOD_LABELS = {"rtn": "RTN", "gptq": "GPTQ", "boa": "BoA", "turboboa": "TurboBoA", "aespa": "aespa",
-                 "brecq": "BRECQ"}
+                 "brecq": "BRECQ", "turboboa-tuned": "TurboBoA, tuned scales"}
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
 

@@ -77,7 +77,7 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
     for p in params:
         p.requires_grad_(False)
     for k in kinds:
-        _swap(fam, block, k, SoftLinear(layers[k], rounders[k]))
+        swap_linear(fam, block, k, SoftLinear(layers[k], rounders[k]))
     order = torch.Generator().manual_seed(opts.seed + b)
 
     def batch_loss(i):
@@ -104,7 +104,7 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
         t0 += engine.tick("measure", t1) - t1
     finally:
         for k in kinds:
-            _swap(fam, block, k, layers[k])
+            swap_linear(fam, block, k, layers[k])
         for p, g in zip(params, grads):
             p.requires_grad_(g)
     seconds = time.perf_counter() - t0
@@ -144,7 +144,7 @@ def _quantize_activations(engine: BlockQuantizer, block, kinds, inputs, ctx) -> 
     return out
 
 
-def _swap(family, block, kind, module):
+def swap_linear(family, block, kind, module):
     path = family.linears[kind]
     parent, _, name = path.rpartition(".")
     setattr(get_path(block, parent) if parent else block, name, module)

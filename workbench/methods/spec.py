@@ -17,3 +17,4 @@ class MethodSpec:
     attention_aware: bool = False    # statistics: q/k/v get attention-aware Kronecker factors (BoA family)
     fp_stream: bool = False          # statistics: the full-precision model runs beside (inherited-error correction)
     grid_search: str = "minmax"      # default range search of the grids
+    tunes_scales: bool = False       # after a block is solved, its group scales are tuned on its output

@@ -1,0 +1,81 @@
+"""Low-bit quality: every method at W2 g64, W3 g64 and W3 per channel, perplexity and seconds.
+
+    python benchmarks/lowbit.py                                       # every method, the three settings
+    python benchmarks/lowbit.py --methods gptq,turboboa --settings w2g64
+    python benchmarks/lowbit.py --ablation --settings w2g64           # the ablation rows (README)
+
+Every run is measured in this one process, one after the other (standard protocol: 32x512
+calibration of WikiText-2 valid, 40x512 windows of the raw test text), so seconds compare like with
+like. ``--ablation`` runs TurboBoA with one change per row instead of the methods.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rows import measured_row, save_rows
+
+from workbench.config import build_config
+
+SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w3pc": (3, -1), "w4g64": (4, 64), "w2pc": (2, -1)}
+METHODS = "rtn,gptq,boa,turboboa,aespa"
+# one change per row against TurboBoA's defaults, then the combinations (settings by their declared names)
+ABLATION = [
+    ("turboboa", {}),
+    ("turboboa", {"calib_samples": 128}),
+    ("turboboa", {"grid_search": "minmax"}),
+    ("turboboa", {"grid_search": "hessian"}),
+    ("turboboa", {"damp": 0.1}),
+    ("turboboa", {"dx_alpha": 0.0}),
+    ("turboboa", {"dx_alpha": 1.0}),
+    ("turboboa", {"refine_iters": 0}),
+    ("turboboa", {"refine_iters": 5}),
+    ("turboboa", {"passes": 3}),
+]
+
+
+def label(method: str, changes: dict) -> str:
+    return method + ("" if not changes else " " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--settings", default="w2g64,w3g64,w3pc", help=f"from {', '.join(SETTINGS)}")
+    p.add_argument("--ablation", action="store_true", help="TurboBoA with one change per row, then combinations")
+    p.add_argument("--rows", default=None, help="with --ablation: only these row numbers (comma-separated, from 1)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--max-blocks", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.ablation:
+        chosen = ABLATION if args.rows is None else [ABLATION[int(i) - 1] for i in args.rows.split(",")]
+    else:
+        chosen = [(m, {}) for m in args.methods.split(",")]
+    print(f"model {args.model}, calibration {args.calib_samples}x{args.seqlen}, evaluation {args.eval_windows}x"
+          f"{args.seqlen}")
+    print("| row | bits | group | ppl | quant s |")
+    print("| --- | --- | --- | --- | --- |")
+    rows, ppl_fp = [], None
+    for setting in args.settings.split(","):
+        bits, group = SETTINGS[setting]
+        for method, changes in chosen:
+            values = dict(model=args.model, method=method, bits=bits, group_size=group,
+                          calib_samples=args.calib_samples, seqlen=args.seqlen, eval_windows=args.eval_windows,
+                          max_blocks=args.max_blocks, device=args.device)
+            cfg = build_config({**values, **changes}, "api")
+            row, rep = measured_row(cfg, label=label(method, changes), changes=changes)
+            ppl_fp = rep.ppl_fp
+            rows.append(row)
+            print(f"| {row['label']} | {bits} | {group} | {rep.ppl_quant:.3f} | {rep.quant_seconds:.1f} |", flush=True)
+            save_rows(args.json, ppl_fp, rows, args)
+    print(f"fp ppl {ppl_fp:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
