@@ -84,3 +84,16 @@ def test_its_solver_differs_from_turboboa_only_in_damping():
     import dataclasses
     tuned, turbo = METHODS["turboboa-tuned"].solver, METHODS["turboboa"].solver
     assert dataclasses.replace(tuned, damp=turbo.damp) == turbo and isinstance(tuned, SolverConfig)
+
+
+def test_a_block_that_tuning_makes_worse_keeps_its_solved_scales(tiny_checkpoints):
+    common = dict(model=tiny_checkpoints["llama"], bits=2, group_size=16, max_blocks=1, **SMALL)
+    wild = workbench.quantize(method="turboboa-tuned", tune_steps=20, tune_lr=1.0, **common)
+    solved = workbench.quantize(method="turboboa-tuned", tune_steps=0, **common)
+    rec = wild.report.layers[0]
+    assert rec.extra["block_loss_tuned"] >= rec.extra["block_loss_solved"] and rec.extra["tuning_kept"] is False
+    for name, q in wild.packed.items():
+        assert torch.equal(q.scale, solved.packed[name].scale)
+        torch.testing.assert_close(dict(wild.model.named_modules())[name].weight.data, q.dequantize(), rtol=0,
+                                   atol=1e-6)
+    assert wild.report.ppl_quant == solved.report.ppl_quant

@@ -83,12 +83,14 @@ def tuned_stages(engine: BlockQuantizer, job: BlockJob):
     opts = ScaleTuning(**engine.options.get("tuning", {}))
     if opts.steps == 0 or not engine.block_layers:
         return outs, outs_fp
-    return tune_scales(engine, job, outs_fp, opts), outs_fp
+    return tune_scales(engine, job, outs, outs_fp, opts), outs_fp
 
 
-def tune_scales(engine: BlockQuantizer, job: BlockJob, outs_fp: list[torch.Tensor], opts: ScaleTuning):
+def tune_scales(engine: BlockQuantizer, job: BlockJob, outs: list[torch.Tensor], outs_fp: list[torch.Tensor],
+                opts: ScaleTuning):
     """Tunes the scales of the block's quantized linears (``engine.block_layers``) in place: the block's
-    weights, the packed layers and their records; returns the block's outputs on the quantized stream."""
+    weights, the packed layers and their records. ``outs``: the solved block's outputs on the quantized
+    stream; returns the tuned block's (or ``outs``, when tuning did not lower the loss)."""
     t0 = time.perf_counter()
     fam, b, block, ctx, dev = engine.family, job.index, job.block, job.ctx, engine.device
     engine.emit(kind="phase", block=b, message=f"block {b}: tuning the scales on the block's output")
@@ -112,11 +114,11 @@ def tune_scales(engine: BlockQuantizer, job: BlockJob, outs_fp: list[torch.Tenso
     def loss(i):
         return (run_block(fam, block, inputs[i], ctx) - targets[i]).pow(2).sum() / norms[i]
 
-    def mean_loss():
-        with torch.no_grad():
-            return sum(float(loss(i)) for i in range(len(inputs))) / len(inputs)
+    def mean_loss(outputs):
+        ends = windows(outputs)
+        return sum(float((o - t).pow(2).sum()) / n for o, t, n in zip(ends, targets, norms)) / len(ends)
+    before = mean_loss(outs)
     try:
-        before = mean_loss()
         optimizer = torch.optim.Adam([m.u for m in tuned.values()], lr=opts.lr)
         with torch.enable_grad():
             for _ in range(opts.steps):
@@ -124,26 +126,29 @@ def tune_scales(engine: BlockQuantizer, job: BlockJob, outs_fp: list[torch.Tenso
                 optimizer.zero_grad(set_to_none=True)
                 loss(int(torch.randint(len(inputs), (1,), generator=order))).backward()
                 optimizer.step()
-        after = mean_loss()
     finally:
         for name, module in tuned.items():
             swap_linear(fam, block, kinds[name], module.linear)
         for p, g in zip(params, grads):
             p.requires_grad_(g)
+    # the tuned weights as they will be stored (on a GGUF lattice's scales), measured on every window
+    candidates = {name: module.tuned() for name, module in tuned.items()}
+    solved = {name: module.linear.weight.data for name, module in tuned.items()}
+    for name, q in candidates.items():
+        layer = tuned[name].linear
+        layer.weight.data = q.dequantize().to(layer.weight.device, layer.weight.dtype)
+    with torch.no_grad():
+        tuned_outs = [run_block(fam, block, h.to(dev), ctx).cpu() for h in job.hidden]
+    after = mean_loss(tuned_outs)
     kept = after < before
-    for name, module in tuned.items():
+    for name, q in candidates.items():
         rec, W32, H = engine.block_layers[name]
         rec.extra.update(block_loss_solved=before, block_loss_tuned=after, tuning_kept=kept)
         if not kept:
+            tuned[name].linear.weight.data = solved[name]
             continue
-        q = module.tuned()
         engine.result.packed[name] = q
-        Q = q.dequantize().to(W32.device)
-        layer = module.linear
-        layer.weight.data = Q.to(layer.weight.device, layer.weight.dtype)
         rec.extra["rel_error_solved"] = rec.rel_error
-        rec.rel_error = relative_error(Q - W32, W32, H)
-    with torch.no_grad():
-        outs = [run_block(fam, block, h.to(dev), ctx).cpu() for h in job.hidden]
+        rec.rel_error = relative_error(q.dequantize().to(W32.device) - W32, W32, H)
     engine.result.timings["tuning"] = engine.result.timings.get("tuning", 0.0) + time.perf_counter() - t0
-    return outs
+    return tuned_outs if kept else outs
