@@ -97,3 +97,27 @@ def test_a_block_that_tuning_makes_worse_keeps_its_solved_scales(tiny_checkpoint
         torch.testing.assert_close(dict(wild.model.named_modules())[name].weight.data, q.dequantize(), rtol=0,
                                    atol=1e-6)
     assert wild.report.ppl_quant == solved.report.ppl_quant
+
+
+def test_end_to_end_steps_lower_the_loss_they_train_on_and_move_only_scales(tiny_checkpoints):
+    common = dict(model=tiny_checkpoints["llama"], bits=2, group_size=16, tune_steps=0, **{**SMALL, "calib_samples": 2})
+    events = []
+    trained = workbench.quantize(method="turboboa-tuned", e2e_steps=60, e2e_lr=0.05, on_event=events.append, **common)
+    solved = workbench.quantize(method="turboboa-tuned", e2e_steps=0, **common)
+    e2e = trained.report.end_to_end
+    assert e2e["steps"] == 60 and e2e["loss_last_steps"] < e2e["loss_first_steps"]
+    assert solved.report.end_to_end == {} and "end_to_end" in trained.report.timings
+    steps = [e for e in events if e.kind == "progress" and "end to end" in e.message]
+    assert steps[0].index == 0 and steps[-1].index == steps[-1].total == 60
+    for name, q in trained.packed.items():
+        ref = solved.packed[name]
+        assert torch.equal(q.codes, ref.codes) and torch.equal(q.zero, ref.zero)
+        torch.testing.assert_close(dict(trained.model.named_modules())[name].weight.data, q.dequantize(), rtol=0,
+                                   atol=1e-6)
+    assert all(p.requires_grad for p in trained.model.parameters())    # the model is given back as it was
+    assert all(type(m) is not TunedScales for m in trained.model.modules())
+
+
+def test_a_model_read_from_disk_is_refused_before_any_work(tiny_checkpoints):
+    with pytest.raises(WorkbenchError, match="--offload disk reads one block at a time, and turboboa-tuned trains"):
+        workbench.quantize(model=tiny_checkpoints["llama"], method="turboboa-tuned", offload="disk", **SMALL)

@@ -21,7 +21,8 @@ from .export import FORMAT_FAKE, FORMAT_PACKED, check_save_dir, save_fake_quant,
 from .export_gguf import check_gguf_model, save_gguf
 from .export_stream import StreamingExport, save_streamed
 from .memory import PeakMeter, Phases, check_fits, estimate
-from .methods import method_spec
+from .methods import ScaleTuning, method_spec
+from .methods.scale_tuning import train_end_to_end
 from .mixed.plan import write_plan
 from .mixed.setup import Request, make_plan, request_of, widths_of
 from .models.loading import LoadedModel, cache_root, load_model
@@ -82,6 +83,10 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         raise WorkbenchError(f"{cfg.method} trains each block on its windows and is not data-parallel; run it "
                              f"in one process (without torchrun)")
     offload = choose_offload(cfg, loaded)
+    if offload == DISK and method_spec(cfg.method).tunes_scales:
+        raise WorkbenchError(f"{cfg.method} trains the scales of the whole model at once, so it needs the model in "
+                             f"memory, and this one would be read from disk a block at a time; use another method or "
+                             f"--offload none on a machine with more memory")
     if offload == DISK and cfg.transforms_activations:
         raise WorkbenchError("the model does not fit in memory, so it would be read from disk a block at a time, and "
                              "--rotate, --act-bits and --kv-bits set up the whole model; run without them")
@@ -146,6 +151,13 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
         t0 = time.perf_counter()
         with phases("quantize"):
             result: EngineResult = engine.run(ranks.share(calib, cfg.batch_size))
+            end_to_end = {}
+            if spec.tunes_scales:
+                t1 = time.perf_counter()
+                end_to_end = train_end_to_end(work, result.packed, calib, ScaleTuning(seed=cfg.seed, **cfg.tuning()),
+                                              device, phase_progress(on_event, f"{cfg.method}: scales trained end to "
+                                                                     "end", "step"), engine.check_cancel)
+                result.timings["end_to_end"] = time.perf_counter() - t1
         quant_seconds = time.perf_counter() - t0 - result.timings["measure"]   # measuring is not quantizing
         model_q = work.view(result.packed) if streamed else loaded.model
         ppl_q = None
@@ -163,7 +175,7 @@ def quantize(config: QuantizeConfig | None = None, *, loaded: LoadedModel | None
                         ppl_fp=ppl_fp, ppl_quant=ppl_q, quant_seconds=quant_seconds,
                         peak_memory_bytes=meter.stop(), layers=result.layers,
                         timings={**result.timings, **plan_seconds}, memory=phases.record,
-                        plan={} if plan is None else plan.record)
+                        plan={} if plan is None else plan.record, end_to_end=end_to_end)
         out = QuantizeResult(model_q, tok, report, result.packed)
         if not ranks.leader:     # every rank holds the same model; one writes it
             return out

@@ -213,6 +213,16 @@ class QuantizeConfig:
     tune_lr: float | None = setting(None, float, "Tuning rate", "Adam's learning rate on the log of each group "
                                     f"scale; default {_TUNING.lr}", low=1e-6, high=1.0, optional=True,
                                     methods=TUNED, group="learned")
+    tune_norms: bool | None = setting(None, bool, "Tune norms", "also tune the block's norm weights (kept in full "
+                                      f"precision) with its scales; default {'on' if _TUNING.norms else 'off'}",
+                                      optional=True, methods=TUNED, group="learned")
+    e2e_steps: int | None = setting(None, int, "End-to-end steps", "then Adam steps on every group scale of the model "
+                                    "at once, on its next-token loss over one calibration window each (0 = none); "
+                                    f"default {_TUNING.e2e_steps}", low=0, high=100000, optional=True, methods=TUNED,
+                                    group="learned")
+    e2e_lr: float | None = setting(None, float, "End-to-end rate", "Adam's learning rate of the end-to-end steps on "
+                                   f"the log of each group scale; default {_TUNING.e2e_lr}", low=1e-6, high=1.0,
+                                   optional=True, methods=TUNED, group="learned")
     init: str | None = setting(None, str, "Start from", f"aespa's starting rounding; default {_LEARNED.init}",
                                choices=INITS, optional=True, methods=("aespa",), group="learned")
 
@@ -258,8 +268,9 @@ class QuantizeConfig:
 
     def tuning(self) -> dict:
         """Options of the block-wise scale tuning that are set."""
-        return {k: getattr(self, name) for name, k in (("tune_steps", "steps"), ("tune_lr", "lr"))
-                if getattr(self, name) is not None}
+        return {k: getattr(self, name) for name, k in (("tune_steps", "steps"), ("tune_lr", "lr"),
+                                                       ("tune_norms", "norms"), ("e2e_steps", "e2e_steps"),
+                                                       ("e2e_lr", "e2e_lr")) if getattr(self, name) is not None}
 
     def learned(self) -> dict:
         """Options of the learned-rounding methods that are set."""
@@ -300,6 +311,10 @@ def check_combination(cfg: QuantizeConfig, face: str = "api"):
         raise WorkbenchError(f"{SETTINGS['offload'].who(face)} disk reads one block at a time, and the rotation and "
                              f"activation quantizers are set up on the whole model; use "
                              f"{SETTINGS['offload'].who(face)} none")
+    if cfg.offload == DISK and cfg.method in TUNED:
+        raise WorkbenchError(f"{SETTINGS['offload'].who(face)} disk reads one block at a time, and {cfg.method} trains "
+                             f"the scales of the whole model at once; use {SETTINGS['offload'].who(face)} none or "
+                             f"another method")
     if cfg.offload == DISK and cfg.gguf_type is not None:
         raise WorkbenchError(f"{SETTINGS['format'].who(face)} {cfg.format} is written from the whole model in memory; "
                              f"with {SETTINGS['offload'].who(face)} disk save as pack-quantized or fake-quant")

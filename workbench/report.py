@@ -42,6 +42,9 @@ class Report:
     # ``budget``, ``budget_bytes``, ``sensitivity``, per-layer ``costs``) and the plan's ``size_bytes`` and
     # ``avg_bits`` as the pack-quantized export stores it (see ``mixed.setup.make_plan``); empty for one width
     plan: dict = field(default_factory=dict)
+    # the scales trained end to end after the block-wise pass (turboboa-tuned): steps, learning rate, the mean
+    # next-token loss of the first and the last tenth of the steps; empty for other methods
+    end_to_end: dict = field(default_factory=dict)
 
     @property
     def width(self) -> str:

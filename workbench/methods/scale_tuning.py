@@ -35,13 +35,18 @@ class ScaleTuning:
     steps: int = 40
     lr: float = 5e-3               # Adam on u = log(scale / solved scale)
     windows: int = 1               # calibration windows per step
+    norms: bool = False            # also tune the block's other parameters (its norms' weights), kept in float
+    e2e_steps: int = 0             # then steps of every scale on the model's loss, one window each
+    e2e_lr: float = 2e-3
     seed: int = 0                  # order of the windows
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
             raise WorkbenchError(f"tuning steps must be a whole number, 0 or more, got {self.steps!r}")
-        if not self.lr > 0:
-            raise WorkbenchError(f"the tuning learning rate must be above 0, got {self.lr!r}")
+        if not isinstance(self.e2e_steps, int) or self.e2e_steps < 0:
+            raise WorkbenchError(f"end-to-end steps must be a whole number, 0 or more, got {self.e2e_steps!r}")
+        if not (self.lr > 0 and self.e2e_lr > 0):
+            raise WorkbenchError(f"the tuning learning rates must be above 0, got {self.lr!r} and {self.e2e_lr!r}")
 
 
 class TunedScales(nn.Module):
@@ -98,7 +103,7 @@ def tune_scales(engine: BlockQuantizer, job: BlockJob, outs: list[torch.Tensor],
     def windows(hidden):
         return [w for h in hidden for w in h.to(dev).split(opts.windows)]
     inputs, targets, sources = windows(job.hidden), windows(outs_fp), windows(job.hidden_fp)
-    norms = [float((t - h).pow(2).sum()) or 1.0 for t, h in zip(targets, sources)]
+    sizes = [float((t - h).pow(2).sum()) or 1.0 for t, h in zip(targets, sources)]   # of each window's update
     del sources
     kinds = {fam.layer_name(b, k): k for k in fam.linears}
     tuned = {name: TunedScales(fam.linear(block, kinds[name]), engine.result.packed[name])
@@ -107,19 +112,24 @@ def tune_scales(engine: BlockQuantizer, job: BlockJob, outs: list[torch.Tensor],
     grads = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
+    paths = tuple(fam.linears[k] + "." for k in fam.linears)
+    others = [p for n, p in block.named_parameters() if not n.startswith(paths)] if opts.norms else []
+    kept_others = [p.data.clone() for p in others]
+    for p in others:
+        p.requires_grad_(True)
     for name, module in tuned.items():
         swap_linear(fam, block, kinds[name], module)
     order = torch.Generator().manual_seed(opts.seed + b)
 
     def loss(i):
-        return (run_block(fam, block, inputs[i], ctx) - targets[i]).pow(2).sum() / norms[i]
+        return (run_block(fam, block, inputs[i], ctx) - targets[i]).pow(2).sum() / sizes[i]
 
     def mean_loss(outputs):
         ends = windows(outputs)
-        return sum(float((o - t).pow(2).sum()) / n for o, t, n in zip(ends, targets, norms)) / len(ends)
+        return sum(float((o - t).pow(2).sum()) / n for o, t, n in zip(ends, targets, sizes)) / len(ends)
     before = mean_loss(outs)
     try:
-        optimizer = torch.optim.Adam([m.u for m in tuned.values()], lr=opts.lr)
+        optimizer = torch.optim.Adam([m.u for m in tuned.values()] + others, lr=opts.lr)
         with torch.enable_grad():
             for _ in range(opts.steps):
                 engine.check_cancel()
@@ -141,6 +151,9 @@ def tune_scales(engine: BlockQuantizer, job: BlockJob, outs: list[torch.Tensor],
         tuned_outs = [run_block(fam, block, h.to(dev), ctx).cpu() for h in job.hidden]
     after = mean_loss(tuned_outs)
     kept = after < before
+    if not kept:
+        for p, value in zip(others, kept_others):
+            p.data.copy_(value)
     for name, q in candidates.items():
         rec, W32, H = engine.block_layers[name]
         rec.extra.update(block_loss_solved=before, block_loss_tuned=after, tuning_kept=kept)
@@ -152,3 +165,58 @@ def tune_scales(engine: BlockQuantizer, job: BlockJob, outs: list[torch.Tensor],
         rec.rel_error = relative_error(q.dequantize().to(W32.device) - W32, W32, H)
     engine.result.timings["tuning"] = engine.result.timings.get("tuning", 0.0) + time.perf_counter() - t0
     return tuned_outs if kept else outs
+
+
+def train_end_to_end(model: nn.Module, packed: dict[str, QuantizedWeight], ids: torch.Tensor, opts: ScaleTuning,
+                     device, progress=None, check_cancel=None) -> dict:
+    """Every quantized layer's group scales trained together on the model's next-token loss over the
+    calibration windows (one window a step, codes and zero points kept), after the block-wise pass: the
+    loss perplexity measures, where the block-wise losses stop at each block's output. ``packed`` and the
+    model's weights are updated in place; returns what the report keeps (steps, the mean loss of the
+    first and last steps)."""
+    if opts.e2e_steps == 0 or not packed:
+        return {}
+    modules = dict(model.named_modules())
+    params = list(model.parameters())
+    grads = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    home = next(model.parameters()).device
+    model.to(device)
+    tuned = {}
+    for name, q in packed.items():
+        parent, _, attr = name.rpartition(".")
+        tuned[name] = TunedScales(modules[name], q)
+        setattr(modules[parent] if parent else model, attr, tuned[name])
+    order = torch.Generator().manual_seed(opts.seed)
+    losses = []
+    try:
+        optimizer = torch.optim.Adam([m.u for m in tuned.values()], lr=opts.e2e_lr)
+        if progress is not None:
+            progress(0, opts.e2e_steps)
+        with torch.enable_grad():
+            for step in range(opts.e2e_steps):
+                if check_cancel is not None:
+                    check_cancel()
+                x = ids[int(torch.randint(ids.shape[0], (1,), generator=order))].unsqueeze(0).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = model(x, labels=x, use_cache=False).loss
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress(step + 1, opts.e2e_steps)
+    finally:
+        for name, module in tuned.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(modules[parent] if parent else model, attr, module.linear)
+        for p, g in zip(params, grads):
+            p.requires_grad_(g)
+    for name, module in tuned.items():
+        q = packed[name] = module.tuned()
+        layer = module.linear
+        layer.weight.data = q.dequantize().to(layer.weight.device, layer.weight.dtype)
+    model.to(home)
+    tenth = max(1, len(losses) // 10)
+    return {"steps": len(losses), "lr": opts.e2e_lr, "loss_first_steps": sum(losses[:tenth]) / tenth,
+            "loss_last_steps": sum(losses[-tenth:]) / tenth}
