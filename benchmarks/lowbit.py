@@ -18,19 +18,23 @@ from rows import measured_row, save_rows
 from workbench.config import build_config
 
 SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w3pc": (3, -1), "w4g64": (4, 64), "w2pc": (2, -1)}
-METHODS = "rtn,gptq,boa,turboboa,aespa"
+METHODS = "gptq,boa,turboboa,aespa,turboboa-tuned"
 # one change per row against TurboBoA's defaults, then the combinations (settings by their declared names)
 ABLATION = [
     ("turboboa", {}),
     ("turboboa", {"calib_samples": 128}),
     ("turboboa", {"grid_search": "minmax"}),
     ("turboboa", {"grid_search": "hessian"}),
-    ("turboboa", {"damp": 0.1}),
     ("turboboa", {"dx_alpha": 0.0}),
-    ("turboboa", {"dx_alpha": 1.0}),
     ("turboboa", {"refine_iters": 0}),
-    ("turboboa", {"refine_iters": 5}),
     ("turboboa", {"passes": 3}),
+    ("turboboa", {"damp": 0.1}),
+    ("turboboa-tuned", {"e2e_steps": 0}),          # damp 0.1 and the block-wise scale tuning
+    ("turboboa-tuned", {"tune_steps": 0}),         # damp 0.1 and the end-to-end steps
+    ("turboboa-tuned", {}),                        # both
+    ("turboboa-tuned", {"damp": 0.01}),
+    ("turboboa-tuned", {"tune_norms": True}),
+    ("turboboa-tuned", {"calib_samples": 64}),
 ]
 
 

@@ -50,7 +50,7 @@ def test_bad_tuning_options_are_refused():
 
 
 def test_tuning_lowers_every_block_loss_and_keeps_the_codes(tiny_checkpoints):
-    common = dict(model=tiny_checkpoints["llama"], bits=2, group_size=16, **SMALL)
+    common = dict(model=tiny_checkpoints["llama"], bits=2, group_size=16, e2e_steps=0, **SMALL)
     events = []
     tuned = workbench.quantize(method="turboboa-tuned", tune_steps=30, tune_lr=0.02, on_event=events.append, **common)
     solved = workbench.quantize(method="turboboa-tuned", tune_steps=0, **common)
@@ -72,9 +72,9 @@ def test_tuning_lowers_every_block_loss_and_keeps_the_codes(tiny_checkpoints):
     assert all("rel_error_solved" in rec.extra for rec in layers)
 
 
-def test_without_steps_it_is_turboboa_at_its_damping(tiny_checkpoints):
+def test_without_any_steps_it_is_turboboa_at_its_damping(tiny_checkpoints):
     common = dict(model=tiny_checkpoints["llama"], bits=3, group_size=16, **SMALL)
-    a = workbench.quantize(method="turboboa-tuned", tune_steps=0, **common)
+    a = workbench.quantize(method="turboboa-tuned", tune_steps=0, e2e_steps=0, **common)
     b = workbench.quantize(method="turboboa", damp=METHODS["turboboa-tuned"].solver.damp, **common)
     assert a.report.ppl_quant == b.report.ppl_quant
     assert all(torch.equal(q.codes, b.packed[n].codes) for n, q in a.packed.items())
@@ -87,7 +87,7 @@ def test_its_solver_differs_from_turboboa_only_in_damping():
 
 
 def test_a_block_that_tuning_makes_worse_keeps_its_solved_scales(tiny_checkpoints):
-    common = dict(model=tiny_checkpoints["llama"], bits=2, group_size=16, max_blocks=1, **SMALL)
+    common = dict(model=tiny_checkpoints["llama"], bits=2, group_size=16, max_blocks=1, e2e_steps=0, **SMALL)
     wild = workbench.quantize(method="turboboa-tuned", tune_steps=20, tune_lr=1.0, **common)
     solved = workbench.quantize(method="turboboa-tuned", tune_steps=0, **common)
     rec = wild.report.layers[0]

@@ -26,10 +26,12 @@ METHODS: dict[str, MethodSpec] = {
                            "and scale refinement",
                            SolverConfig(act_order=True, rows_per_step=8, refine_iters=2, dx_alpha=0.5),
                            layer=solver_layer, attention_aware=True, fp_stream=True, grid_search="mse"),
-    # Measured on the first 8 blocks at W2 g64 (32x512 calibration, 16 windows, fp 36.64): TurboBoA 58.91; with
-    # damp 0.1 54.62 (0.03: 55.89, 0.3: 54.55); then the scales tuned, 40 steps of one window a block, 51.18
-    "turboboa-tuned": MethodSpec("turboboa-tuned", "TurboBoA, then each block's group scales tuned by gradient on "
-                                 "the block's output against the full-precision block (codes kept)",
+    # The low-bit method. On the first 8 blocks at W2 g64 (32x512 calibration, 16 windows, fp 36.64): TurboBoA
+    # 58.91; damp 0.1 54.62 (0.03: 55.89, 0.3: 54.55); its scales tuned block by block 51.18; then 32 end-to-end
+    # steps 44.48. The whole model, W2 g64: 71.07 in 271 s (TurboBoA 101); W3 g64: 32.09 (TurboBoA 40.29)
+    "turboboa-tuned": MethodSpec("turboboa-tuned", "TurboBoA, then the group scales tuned with the codes kept: each "
+                                 "block's on its output against the full-precision block, then all at once on the "
+                                 "model's next-token loss",
                                  SolverConfig(damp=0.1, act_order=True, rows_per_step=8, refine_iters=2, dx_alpha=0.5),
                                  layer=solver_layer, block=tuned_stages, attention_aware=True, fp_stream=True,
                                  grid_search="mse", tunes_scales=True),

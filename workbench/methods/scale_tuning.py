@@ -1,4 +1,5 @@
-"""Block-wise tuning of the group scales, with the integer codes fixed, after a block is solved.
+"""Tuning of the group scales, with the integer codes fixed: block by block after each block is solved,
+then end to end (``train_end_to_end``) after the last.
 
 The stage-wise solvers fit each layer to its own objective; what the next block reads is the
 block's output. Once a block's layers are on their grids, this tunes every group's scale of every
@@ -36,8 +37,10 @@ class ScaleTuning:
     lr: float = 5e-3               # Adam on u = log(scale / solved scale)
     windows: int = 1               # calibration windows per step
     norms: bool = False            # also tune the block's other parameters (its norms' weights), kept in float
-    e2e_steps: int = 0             # then steps of every scale on the model's loss, one window each
-    e2e_lr: float = 2e-3
+    # then steps of every scale on the model's loss, one window each. After the 8 blocks above: 32 steps at lr 2e-3
+    # 45.66, at 5e-3 44.48, 64 steps at 5e-3 44.17; about 1.9 s a step on the whole model (2-core CPU)
+    e2e_steps: int = 48
+    e2e_lr: float = 5e-3
     seed: int = 0                  # order of the windows
 
     def __post_init__(self):
