@@ -85,6 +85,7 @@ class Method(Protocol):
     name: str
     attention_aware: bool           # q/k/v get attention-aware Kronecker factors
     fp_stream: bool                 # the full-precision model runs beside the quantized one
+    tunes_scales: bool              # a block's layers are kept after the solve, for its strategy to tune
     layer: Callable[[LayerProblem], SolveResult] | None        # quantizes one layer of a stage
     block: Callable[["BlockQuantizer", BlockJob], tuple] | None  # replaces the stage-wise walk of a block
 
@@ -178,8 +179,8 @@ class BlockQuantizer:
             self.result.packed = packed
         self.done = 0
         self.total = 0
-        # the layers recorded in the block being quantized: name -> (record, full-precision weight, H), for a
-        # block strategy that changes them after the solve (``methods.scale_tuning``)
+        # the layers recorded in the block being quantized: name -> (record, full-precision weight, H), kept only
+        # for a method that changes them after the solve (``methods.scale_tuning``): they hold a block's weights
         self.block_layers: dict[str, tuple[LayerRecord, torch.Tensor, torch.Tensor]] = {}
 
     # -- events, cancel, clocks: what block strategies use too ------------------------------------
@@ -212,7 +213,8 @@ class BlockQuantizer:
             extra["bits"] = quantized.grid.bits
         rec = LayerRecord(name=name, block=b, kind=kind, loss=loss, rel_error=rel, seconds=seconds, extra=extra)
         self.result.layers.append(rec)
-        self.block_layers[name] = (rec, W32, H)
+        if getattr(self.method, "tunes_scales", False):
+            self.block_layers[name] = (rec, W32, H)
         self.done += 1
         return rec
 
