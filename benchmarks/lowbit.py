@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rows import measured_row, save_rows
+from rows import SETTINGS, measured_row, protocol_arguments, save_rows
 
 from workbench.config import build_config
 
-SETTINGS = {"w2g64": (2, 64), "w3g64": (3, 64), "w3pc": (3, -1), "w4g64": (4, 64), "w2pc": (2, -1)}
 METHODS = "gptq,boa,turboboa,aespa,turboboa-tuned"
 # one change per row against TurboBoA's defaults, then the combinations (settings by their declared names)
 ABLATION = [
@@ -44,17 +43,11 @@ def label(method: str, changes: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--settings", default="w2g64,w3g64,w3pc", help=f"from {', '.join(SETTINGS)}")
     p.add_argument("--ablation", action="store_true", help="TurboBoA with one change per row, then combinations")
     p.add_argument("--rows", default=None, help="with --ablation: only these row numbers (comma-separated, from 1)")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--max-blocks", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    protocol_arguments(p)
     args = p.parse_args(argv)
     if args.ablation:
         chosen = ABLATION if args.rows is None else [ABLATION[int(i) - 1] for i in args.rows.split(",")]

@@ -10,25 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rows import measured_row, save_rows
+from rows import SETTINGS, measured_row, protocol_arguments, save_rows
 
 from workbench.config import QuantizeConfig
 
-SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3pc": (3, -1), "w4pc": (4, -1),
-            "w4g32": (4, 32), "w2pc": (2, -1)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="rtn,gptq,boa,turboboa")
     p.add_argument("--settings", default="w4g64,w3g64,w2g64,w3pc", help=f"from {', '.join(SETTINGS)}")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--max-blocks", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    protocol_arguments(p)
     args = p.parse_args(argv)
     rows = []
     header = (f"{'method':<9} {'bits':>4} {'group':>5} {'ppl':>9} {'quant s':>8} {'forward s':>9} {'stats s':>8} "

@@ -9,6 +9,22 @@ from workbench.config import QuantizeConfig
 from workbench.report import Report
 
 
+# bits and group size of each named setting (-1: one grid per output channel)
+SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3pc": (3, -1), "w4pc": (4, -1),
+            "w4g32": (4, 32), "w2pc": (2, -1)}
+
+
+def protocol_arguments(p) -> None:
+    """The run's protocol on a method benchmark's command line (defaults: the standard protocol)."""
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--max-blocks", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows here")
+
+
 def measured_row(cfg: QuantizeConfig, **extra) -> tuple[dict, Report]:
     """One run of ``cfg`` in this process: its row (perplexity, seconds by phase) and its report."""
     t0 = time.perf_counter()
