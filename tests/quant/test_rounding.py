@@ -216,3 +216,16 @@ def test_a_rounding_that_has_not_settled_runs_every_step():
     r = LearnedRounding(w, GridConfig(bits=3, group_size=8))
     hist = optimize_rounding([r], lambda: layer_loss(r(), w, h), RoundingConfig(iters=30, lr=0.01, reg_weight=1e-4))
     assert hist.settled_at is None and len(hist.loss) == 30
+
+
+def test_a_hessian_grid_search_takes_the_columns_weights_when_the_rounding_makes_its_grids():
+    from workbench.quant.grid import GridConfig, group_params
+    from workbench.quant.rounding import LearnedRounding
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(8, 64, generator=g)
+    weight = torch.ones(64)
+    weight[:8] = 1000.0
+    grid = GridConfig(bits=2, group_size=32, search="hessian")
+    r = LearnedRounding(W, grid, column_weight=weight)
+    assert torch.equal(r.scale, group_params(W.float(), grid, weight)[0])
+    assert not torch.equal(r.scale, LearnedRounding(W, grid).scale)     # without weights: the MSE search

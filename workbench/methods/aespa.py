@@ -133,7 +133,8 @@ def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig,
         start = solve(W32, H_in, grid, solver, H_out=H_out, cross_H=None if H_in is H else H)
     r = LearnedRounding(W32, grid, scale=None if start is None else start.scale,
                         zero=None if start is None else start.zero,
-                        codes=None if start is None else start.codes, init_margin=opts.init_margin)
+                        codes=None if start is None else start.codes, init_margin=opts.init_margin,
+                        column_weight=H.diagonal().float())
     with torch.no_grad():
         before = float(loss_fn(r(hard=True)))
     init_seconds = time.perf_counter() - t0
@@ -146,7 +147,8 @@ def aespa_solve(W: torch.Tensor, H: torch.Tensor, stats: dict, grid: GridConfig,
     if opts.keep_better and after > before:
         kept = "start"
         # round to nearest: the hard rounding of a fresh start
-        res = LearnedRounding(W32, grid).result() if start is None else start.quantized
+        res = LearnedRounding(W32, grid, column_weight=H.diagonal().float()).result() if start is None \
+            else start.quantized
     norm_abs = float(kronecker_loss(as_heads(W32, H_in, H_out), H_in, H_out))
     q = from_codes(res.codes, res.scale, res.zero, grid)
     loss = float(kronecker_loss(as_heads(q.dequantize() - W32, H_in, H_out), H_in, H_out))

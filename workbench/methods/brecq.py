@@ -71,7 +71,8 @@ def brecq_block(engine: BlockQuantizer, job: BlockJob):
 
     layers = {k: fam.linear(block, k) for k in kinds}
     fp_weights = {k: l.weight.data.float().clone() for k, l in layers.items()}
-    rounders = {k: LearnedRounding(l.weight.data, engine.grid_of(b, k)) for k, l in layers.items()}
+    rounders = {k: LearnedRounding(l.weight.data, engine.grid_of(b, k), column_weight=H[k].diagonal())
+                for k, l in layers.items()}
     params = list(block.parameters())            # the block's own: frozen while the rounding learns
     grads = [p.requires_grad for p in params]
     for p in params:

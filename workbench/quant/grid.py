@@ -145,6 +145,12 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return scale * (codes - zero)
 
 
+def shrink_factors(cfg: GridConfig, like: torch.Tensor) -> torch.Tensor:
+    """The fractions of a slice's range the searches try: 1, then down in ``mse_steps`` to ``1 - mse_max_shrink``."""
+    return torch.tensor([1 - i / cfg.mse_steps for i in range(int(cfg.mse_max_shrink * cfg.mse_steps) + 1)],
+                        dtype=like.dtype, device=like.device)
+
+
 def mse_params(w: torch.Tensor, cfg: GridConfig):
     """Grid search over shrunk ranges, keeping per row the one with the least |error|^norm (the
     first of equal ones).
@@ -154,8 +160,7 @@ def mse_params(w: torch.Tensor, cfg: GridConfig):
     C screen (``native.mse_screen``) first rules out most candidates of each row.
     """
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    shrinks = torch.tensor([1 - i / cfg.mse_steps for i in range(int(cfg.mse_max_shrink * cfg.mse_steps) + 1)],
-                           dtype=w.dtype, device=w.device)
+    shrinks = shrink_factors(cfg, w)
     approx = mse_screen(w.reshape(-1, w.shape[-1]), lo.reshape(-1), hi.reshape(-1), shrinks, cfg.maxq,
                         cfg.symmetric, cfg.min_offset, cfg.mse_norm, SCREEN_MARGIN, SCREEN_FLOOR)
     if approx is not None:
@@ -219,8 +224,7 @@ def weighted_params(w: torch.Tensor, weight: torch.Tensor, cfg: GridConfig):
     n = w.shape[-1]
     rows = w.reshape(-1, n)
     weights = weight.to(w.dtype).expand_as(w).reshape(-1, n)
-    shrinks = torch.tensor([1 - i / cfg.mse_steps for i in range(int(cfg.mse_max_shrink * cfg.mse_steps) + 1)],
-                           dtype=w.dtype, device=w.device).view(1, -1, 1)
+    shrinks = shrink_factors(cfg, w).view(1, -1, 1)
     scale = torch.empty(rows.shape[0], 1, dtype=w.dtype, device=w.device)
     zero = torch.empty_like(scale)
     chunk = max(1, WEIGHTED_CHUNK // (shrinks.numel() * n))

@@ -121,15 +121,15 @@ class LearnedRounding(nn.Module):
     def __init__(self, weight: torch.Tensor, grid: GridConfig, learn_scale: bool = False,
                  scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                  zeta: float = ZETA, gamma: float = GAMMA, codes: torch.Tensor | None = None,
-                 init_margin: float = 0.05):
+                 init_margin: float = 0.05, column_weight: torch.Tensor | None = None):
         super().__init__()
         w = weight.detach().reshape(weight.shape[0], -1).float()
         self.shape = tuple(weight.shape)
         self.grid, self.zeta, self.gamma = grid, zeta, gamma
         self.d_in = w.shape[1]
         grid.group_width(self.d_in)   # raises early if groups do not tile the row
-        if scale is None or zero is None:
-            scale, zero = group_params(w, grid)
+        if scale is None or zero is None:     # column_weight: diag(H) for a ``hessian`` grid search
+            scale, zero = group_params(w, grid, column_weight)
         scale = scale.detach().float().clone()
         self.register_buffer("zero", zero.detach().float().clone())
         if learn_scale:

@@ -284,7 +284,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     Wf = Wf.masked_fill(dead.unsqueeze(1), 0.0)
     check_finite(Wf, "the weight")
     f_in = stable_factor(Hi, cfg.damp, "the input Hessian", cfg.act_order)
-    damping = {"damp": f_in.damp}
+    extra = {"damp": f_in.damp}
     if cross is not None and cfg.dx_alpha > 0:
         check_finite(cross, "the cross moment of the inherited errors")
         Hc = f_in.H if cross_H is None else stable_factor(cross_H.to(torch.float32), cfg.damp).H
@@ -313,7 +313,7 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
     Ho = U_out = None
     if H_out is not None:
         f_out = stable_factor(H_out.to(torch.float32), cfg.damp, "the output Hessian")
-        damping["damp_out"], Ho, U_out = f_out.damp, f_out.H, f_out.U
+        extra["damp_out"], Ho, U_out = f_out.damp, f_out.H, f_out.U
     H_refine = f_in.H.expand(heads, C, C)
 
     def column_pass(scale, zero, take_grids: bool, dynamic: bool):
@@ -343,11 +343,11 @@ def solve(W: torch.Tensor, H_in: torch.Tensor, grid: GridConfig, cfg: SolverConf
             if not loss2 < best:
                 break
             best, codes, scale_g, zero_g, Q = loss2, c2, s2, z2, Q2
-        damping["passes_loss"] = best
+        extra["passes_loss"] = best
 
     loss = kronecker_loss(Q - W.detach().to(torch.float32).reshape(Q.shape), Hi,
                           None if H_out is None else H_out.to(torch.float32))
-    return SolveResult(from_codes(codes, scale_g, zero_g, grid), float(loss), damping)
+    return SolveResult(from_codes(codes, scale_g, zero_g, grid), float(loss), extra)
 
 
 def _columns_and_rows(Wf, U_in, U_out, scale, zero, grid, unit, dynamic, cfg: SolverConfig, take_grids: bool,
