@@ -8,7 +8,10 @@ QUANTIZE = """**What happens:** each linear layer's weights are rounded to a `bi
 `group size` input columns). RTN just rounds. GPTQ rounds one column at a time and moves the rounding
 error onto the columns not yet rounded, weighted by the input Hessian `H_in = E[x xᵀ]`. BoA also weighs
 the *output* side of q/k/v by how attention uses them (per-head `H_out`), and TurboBoA adds joint rows,
-a correction for the error inherited from earlier layers (dx alpha) and scale refinement. aespa
+a correction for the error inherited from earlier layers (dx alpha) and scale refinement. *TurboBoA,
+tuned scales* (the one for 2 and 3 bits) keeps TurboBoA's integer codes and trains only the grids'
+scales: each block's on its output against the full-precision block, then all at once on the model's
+next-token loss (a few minutes more on the whole model). aespa
 *learns* each layer's rounding by gradient descent on those attention-aware losses, computed from
 statistics gathered once (no pass through the model while it learns); BRECQ learns the rounding of a
 whole block by backpropagating the block's output error, the slow baseline aespa is measured against.
