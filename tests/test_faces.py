@@ -68,6 +68,7 @@ BAD = [
     ("max_size", 0, "gptq", "must be more than 0 MB, got 0.0"),
     ("max_size", "big", "gptq", "must be a number, got 'big'"),
     ("sensitivity", "hessian", "gptq", "must be one of fisher, objective, got 'hessian'"),
+    ("sensitivity_samples", 0, "gptq", "must be at least 1, got 0"),
     ("candidate_bits", "2,9", "gptq", "has widths outside 2-8 ('9'); give whole numbers from 2 to 8, comma-separated"),
     ("split_fused", "maybe", "gptq", "must be on or off, got 'maybe'"),
     ("plan", "no-such-plan.json", "gptq", "file 'no-such-plan.json' does not exist; give a plan written by --plan-out "

@@ -10,8 +10,9 @@ import workbench
 from workbench.config import QuantizeConfig
 from workbench.errors import WorkbenchError
 from workbench.mixed.overrides import Override, apply_overrides, parse_override
-from workbench.mixed.plan import Plan, read_plan, run_layers, write_plan
-from workbench.mixed.setup import request_of, tied_items
+from workbench.mixed.plan import Layer, Plan, read_plan, run_layers, write_plan
+from workbench.mixed.setup import allocation_widths, request_of, tied_items
+from workbench.mixed.sizes import packed_bytes
 from workbench.models.loading import load_model
 
 SMALL = dict(group_size=16, calib_samples=4, seqlen=32, eval_windows=-1, device="cpu", batch_size=2)
@@ -136,7 +137,6 @@ def test_budgets_below_the_smallest_plan_are_refused_before_any_work(tiny_checkp
                                     "--max-size, or leave --sensitivity out$"),
     (dict(candidate_bits=(2, 4)), "^--candidate-bits shapes how a size budget is spent"),
     (dict(split_fused=True, keep_bits=("q:8",)), "^--split-fused shapes how a size budget is spent"),
-    (dict(avg_bits=3.5, candidate_bits=""), "^--candidate-bits is empty"),
     (dict(keep_bits=("q:8",), format="gguf:q4_0"), "^--format gguf:q4_0 stores every layer on the type's one grid, "
                                                    "and --keep-bits gives layers different widths"),
     (dict(avg_bits=3.5, offload="disk"), "^--avg-bits runs with the model in memory; use --offload none$"),
@@ -157,3 +157,16 @@ def test_widths_from_the_api_may_be_numbers():
 def test_plan_out_needs_a_mixed_run(tiny_checkpoints, tmp_path):
     with pytest.raises(WorkbenchError, match="^--plan-out writes the widths of a mixed-precision run"):
         workbench.quantize(model=tiny_checkpoints["llama"], plan_out=tmp_path / "p.json", **SMALL)
+
+
+def test_a_budget_without_candidates_chooses_between_the_widths_around_it():
+    layers = [Layer("a", 0, "q", 64, 128), Layer("b", 0, "down", 32, 256)]
+    cfg = QuantizeConfig(avg_bits=3.5, group_size=64).validate()
+    size = {b: sum(packed_bytes(l.d_out, l.d_in, b, 64, False) for l in layers) for b in (2, 3, 4, 8)}
+    assert allocation_widths(cfg, layers, (size[3] + size[4]) // 2) == (3, 4)
+    assert allocation_widths(cfg, layers, size[2] + 1) == (2, 3)
+    assert allocation_widths(cfg, layers, size[4] + 1) == (4, 8)
+    assert allocation_widths(cfg, layers, size[3]) == (3,)             # a uniform plan fits exactly
+    assert allocation_widths(cfg, layers, size[8] * 2) == (8,)
+    given = QuantizeConfig(avg_bits=3.5, group_size=64, candidate_bits=("2", "8")).validate()
+    assert allocation_widths(given, layers, (size[3] + size[4]) // 2) == (2, 8)

@@ -10,6 +10,7 @@ import torch
 import workbench
 from workbench.cli import main
 from workbench.export import ExportSettings, load_quantized, save_quantized
+from workbench.mixed.sizes import packed_bytes
 from workbench.models.loading import load_model
 
 SMALL = dict(group_size=16, calib_samples=4, seqlen=32, eval_windows=-1, device="cpu", batch_size=2)
@@ -83,7 +84,12 @@ def test_a_budget_is_planned_within_its_size_and_reported(budget_run):
         assert len({plan["layers"][f"model.layers.{b}.self_attn.{k}_proj"] for k in "qkv"}) == 1
         assert len({plan["layers"][f"model.layers.{b}.mlp.{k}_proj"] for k in ("gate", "up")}) == 1
     assert set(plan["costs"]) == set(plan["layers"])
-    assert all(c["2"] >= c["3"] >= c["4"] >= c["8"] >= 0 for c in plan["costs"].values())
+    # no widths given: the two whose uniform sizes lie either side of the budget, each measured
+    lo, hi = plan["candidates"]
+    assert not plan["candidates_given"] and set(plan["layers"].values()) == {lo, hi}
+    uniform = {b: sum(packed_bytes(*result.packed[n].shape, b, 16, False) for n in plan["layers"]) for b in (lo, hi)}
+    assert lo < hi and uniform[lo] <= plan["budget_bytes"] <= uniform[hi]
+    assert all(c[str(lo)] >= c[str(hi)] >= 0 for c in plan["costs"].values())
     assert_on_their_widths(result, plan["layers"])
     timings = result.report.timings
     assert timings["sensitivity"] > 0 and timings["allocation"] > 0

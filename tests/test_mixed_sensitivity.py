@@ -12,8 +12,8 @@ from workbench.data import calibration_windows
 from workbench.hessians import InputCovariance
 from workbench.mixed.agreement import measure_agreement, ranks, spearman
 from workbench.mixed.plan import run_layers
-from workbench.mixed.sensitivity import (FISHER, OBJECTIVE, layer_costs, output_gradients, row_errors,
-                                         row_errors_of)
+from workbench.mixed.sensitivity import (FISHER, OBJECTIVE, candidate_errors, fisher_costs, objective_costs,
+                                         row_errors, row_errors_of)
 from workbench.models.loading import load_model
 from workbench.quant.grid import GridConfig, rtn
 
@@ -74,29 +74,46 @@ def test_the_walk_sees_the_inputs_of_the_full_precision_model(llama):
     torch.testing.assert_close(errors[name].candidates[3], (x @ dW.T).pow(2).mean(0).double(), rtol=1e-3, atol=1e-8)
 
 
-def test_output_gradients_are_the_mean_squared_loss_gradients(llama):
+def test_candidate_errors_stack_each_widths_rounding_error():
+    torch.manual_seed(0)
+    W = torch.randn(8, 32)
+    stack = candidate_errors(W, GRID, (2, 4))
+    assert stack.shape == (16, 32)
+    for i, b in enumerate((2, 4)):
+        torch.testing.assert_close(stack[8 * i:8 * (i + 1)], rtn(W, GridConfig(bits=b, group_size=16)) - W)
+
+
+def test_fisher_costs_weigh_each_tokens_error_by_its_own_gradient(llama):
     loaded, ids = llama
     model = loaded.model
     layers = run_layers(model, loaded.family, None, ())
     before = [p.requires_grad for p in model.parameters()]
-    grads = output_gradients(model, layers, ids, CPU, batch_size=3)     # batches of 3 and 1: sums, not means
+    costs = fisher_costs(model, layers, ids, GRID, (2, 3, 4, 8), CPU, batch_size=3)  # batches of 3 and 1: sums
     assert [p.requires_grad for p in model.parameters()] == before
     assert all(p.grad is None for p in model.parameters())
+    assert set(costs) == {l.name for l in layers}
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj"):
-        _, g = inputs_and_outputs(model, name, ids)
-        torch.testing.assert_close(grads[name], g.pow(2).reshape(-1, g.shape[-1]).mean(0).double(),
-                                   rtol=1e-4, atol=1e-12)
+        x, g = inputs_and_outputs(model, name, ids)
+        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        W = model.get_submodule(name).weight.data
+        for b in (2, 3, 4, 8):
+            dW = rtn(W, GridConfig(bits=b, group_size=16)) - W
+            brute = 0.5 * float((g.pow(2) * (x @ dW.T).pow(2)).sum()) / ids.numel()
+            assert costs[name][b] == pytest.approx(brute, rel=1e-4)
+            # not the product of the means, which the token-by-token weighing replaces
+            means = 0.5 * float((g.pow(2).mean(0) * (x @ dW.T).pow(2).mean(0)).sum())
+            assert costs[name][b] != pytest.approx(means, rel=1e-3)
+    for by_bits in costs.values():
+        assert by_bits[2] > by_bits[3] > by_bits[4] > by_bits[8] > 0
 
 
-def test_the_two_signals_weigh_the_same_errors(llama):
+def test_objective_costs_are_relative_output_errors(llama):
     loaded, ids = llama
     layers = run_layers(loaded.model, loaded.family, None, ())
     errors = row_errors(loaded.model, loaded.family, layers, ids, GRID, (2, 3, 4, 8), CPU, batch_size=2)
-    grads = output_gradients(loaded.model, layers, ids, CPU, batch_size=2)
-    fisher, objective = layer_costs(errors, FISHER, grads), layer_costs(errors, OBJECTIVE)
+    objective = objective_costs(errors)
     for name, e in errors.items():
         for b in (2, 3, 4, 8):
-            assert fisher[name][b] == pytest.approx(0.5 * float((e.candidates[b] * grads[name]).sum()))
             assert objective[name][b] == pytest.approx(float(e.candidates[b].sum() / e.energy.sum()))
         assert objective[name][2] > objective[name][3] > objective[name][4] > objective[name][8] > 0
         assert 0 < objective[name][8] < 1e-3

@@ -15,7 +15,7 @@ from .devices import availability_problem, device_problem
 from .errors import WorkbenchError
 from .methods import INITS, METHODS, LearnedOptions, ScaleTuning, method_spec
 from .mixed.overrides import BITS_RANGE, overrides_problem
-from .mixed.plan import plan_file_problem
+from .mixed.plan import BUDGET_WIDTHS, plan_file_problem
 from .mixed.sensitivity import FISHER, SIGNALS
 from .models.loading import DEFAULT_MODEL, EMBEDDED
 from .offload import DISK, OFFLOADS
@@ -130,11 +130,17 @@ class QuantizeConfig:
                                      none_means="no budget: --bits for every layer", group="mixed", faces=MIXED_FACES,
                                      metavar="MB")
     sensitivity: str = setting(FISHER, str, "Sensitivity", "what a budget weighs a layer's error of fewer bits by: "
-                               "fisher (its output error times the squared loss gradient at its output, from one "
-                               "backward pass of the model) or objective (its relative output error, every layer "
+                               "fisher (its output error times the squared loss gradient at its output, token by "
+                               "token, from one backward pass of the model) or objective (its relative output error, every layer "
                                "alike)", choices=SIGNALS, group="mixed", faces=MIXED_FACES)
-    candidate_bits: tuple[str, ...] = setting(("2", "3", "4", "8"), tuple, "Candidate bits", "the widths a budget "
-                                              "chooses from, comma-separated", check=_candidates_problem,
+    sensitivity_samples: int = setting(8, int, "Sensitivity windows", "calibration windows the fisher "
+                                       "sensitivity is measured on (the first N of them, all if there are fewer): one "
+                                       "forward and backward pass of the model over them", low=1, high=4096, group="mixed",
+                                       faces=MIXED_FACES, metavar="N")
+    candidate_bits: tuple[str, ...] = setting((), tuple, "Candidate bits", "the widths a budget chooses from, "
+                                              "comma-separated; empty: the two of 2, 3, 4 and 8 whose uniform "
+                                              "sizes lie either side of the budget (measured better than all "
+                                              "four: README, Mixed precision)", check=_candidates_problem,
                                               group="mixed", faces=MIXED_FACES, metavar="BITS")
     split_fused: bool = setting(False, bool, "Split fused layers", "let a budget give q/k/v, and gate/up, of a block "
                                 "different widths (vLLM fuses each set into one matmul and serves one scheme per "
@@ -264,7 +270,9 @@ class QuantizeConfig:
         return self.has_budget or self.plan is not None or bool(self.keep_bits)
 
     def candidates(self) -> tuple[int, ...]:
-        return tuple(sorted({int(b) for b in self.candidate_bits}))
+        """Every width a budget may give a layer (the allocation takes two of the default ones when none
+        are given: ``mixed.setup.allocation_widths``)."""
+        return tuple(sorted({int(b) for b in self.candidate_bits})) if self.candidate_bits else BUDGET_WIDTHS
 
     def tuning(self) -> dict:
         """Options of the block-wise scale tuning that are set."""
@@ -339,12 +347,10 @@ def check_mixed(cfg: QuantizeConfig, face: str):
         raise WorkbenchError(f"{who('bits')} {cfg.bits} would give every layer one width, and {source} gives each "
                              f"its own; leave {who('bits')} out")
     if not cfg.has_budget:
-        for name in ("sensitivity", "candidate_bits", "split_fused"):
+        for name in ("sensitivity", "sensitivity_samples", "candidate_bits", "split_fused"):
             if getattr(cfg, name) != DEFAULTS[name]:
                 raise WorkbenchError(f"{who(name)} shapes how a size budget is spent; give {who('avg_bits')} or "
                                      f"{who('max_size')}, or leave {who(name)} out")
-    elif not cfg.candidate_bits:
-        raise WorkbenchError(f"{who('candidate_bits')} is empty; give the widths the budget chooses from, e.g. 2,3,4,8")
     if not cfg.mixed:
         return
     given = next(who(n) for n in ("avg_bits", "max_size", "plan", "keep_bits") if getattr(cfg, n) not in (None, ()))

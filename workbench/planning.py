@@ -34,7 +34,7 @@ from .workspace import MODELS, SLOTS, ModelCache, holding
 
 # what the measured costs depend on, besides the grid and the candidate widths
 COST_SETTINGS = ("model", "calib", "calib_samples", "seqlen", "seed", "max_blocks", "ignore", "sensitivity",
-                 "device", "batch_size")
+                 "sensitivity_samples", "device", "batch_size")
 # what decides the layers a plan names and the bytes its budget counts: a plan runs where these agree
 LAYOUT_SETTINGS = ("model", "max_blocks", "ignore", "group_size", "symmetric")
 
@@ -118,8 +118,10 @@ class Draft:
             raise WorkbenchError(problem)
         path = self.write(directory)
         return dataclasses.replace(cfg, bits=DEFAULTS["bits"], avg_bits=None, max_size=None, keep_bits=(),
-                                   sensitivity=DEFAULTS["sensitivity"], candidate_bits=DEFAULTS["candidate_bits"],
-                                   split_fused=DEFAULTS["split_fused"], plan=str(path)).validate(face)
+                                   sensitivity=DEFAULTS["sensitivity"],
+                                   sensitivity_samples=DEFAULTS["sensitivity_samples"],
+                                   candidate_bits=DEFAULTS["candidate_bits"], split_fused=DEFAULTS["split_fused"],
+                                   plan=str(path)).validate(face)
 
 
 def describe(draft: Draft, report=None) -> list[tuple[str, str]]:

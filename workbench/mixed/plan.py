@@ -20,6 +20,7 @@ from .sizes import average_bits, packed_bytes
 
 PLAN_FORMAT = "workbench-mixed-plan"
 SHOWN = 3            # names a message lists before "and N more"
+BUDGET_WIDTHS = (2, 3, 4, 8)        # what a budget chooses from when no candidate widths are given
 
 
 @dataclass(frozen=True)

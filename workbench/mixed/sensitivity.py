@@ -1,21 +1,22 @@
 """What each quantized linear costs the model at each candidate width, on one scale for all layers.
 
-The base is the layer-wise objective of the candidate grid: with ``dW`` the round-to-nearest error
-on that grid (the run's group size, symmetry and range search) and ``H = E[x x^T]`` of the layer's
-calibration inputs, the output error of output row ``i`` is ``r_i = (dW H dW^T)_ii``. Two signals
-weigh it into a cost:
+Both signals price the round-to-nearest error ``dW`` of the candidate grid (the run's group size,
+symmetry and range search), the error the layer would make at that width:
 
-- ``fisher``: ``1/2 sum_i f_i r_i`` with ``f_i = E[g_i^2]``, the mean squared gradient of the
-  calibration loss (summed over each window's tokens) with respect to output ``i`` of the layer,
-  from one backward pass of the full-precision model. It is the diagonal Fisher estimate of the
-  mean token loss's rise (nats) if only that layer were quantized, output channels and tokens
-  taken as independent: layers whose errors reach the loss get the bits.
-- ``objective``: ``sum_i r_i / sum_i (W H W^T)_ii``, the relative output error, the same for a
-  layer wherever it sits in the model.
+- ``fisher``: ``1/2 E_t sum_i g_ti^2 (dW x_t)_i^2``, token by token: ``x_t`` is the layer's input at
+  token ``t`` and ``g_t`` the gradient of the window's summed token loss with respect to the layer's
+  output there, both from one forward and backward pass of the full-precision model. It is the
+  diagonal Fisher estimate of the mean token loss's rise (nats) if only that layer were quantized.
+  Each token's error is weighed by that token's own gradient: the product of the means,
+  ``sum_i E[g_i^2] E[(dW x)_i^2]``, lets a few tokens with large inputs but little pull on the loss
+  (the first tokens of a window, where this model's activations are largest) set the cost, and
+  plans made on it were measured worse (README, "Mixed precision").
+- ``objective``: ``sum_i r_i / sum_i (W H W^T)_ii`` with ``r_i = (dW H dW^T)_ii`` and ``H = E[x x^T]``,
+  the relative output error, the same for a layer wherever it sits in the model.
 
 Costs of different layers are added up by the allocation, as if their errors did not interact.
 ``H`` is gathered block by block on the full-precision model (one block's statistics in memory
-at a time, as the engine does), the gradients with the whole model on the device.
+at a time, as the engine does), the fisher pass runs with the whole model on the device.
 """
 from __future__ import annotations
 
@@ -44,21 +45,21 @@ class RowErrors:
     energy: torch.Tensor
 
 
-def fisher_cost(rows: torch.Tensor, gradients: torch.Tensor) -> float:
-    return 0.5 * float((rows * gradients).sum())
-
-
 def objective_cost(rows: torch.Tensor, energy: torch.Tensor) -> float:
     total = float(energy.sum())
     return float(rows.sum()) / total if total > 0 else 0.0
 
 
-def layer_costs(errors: dict[str, RowErrors], signal: str,
-                gradients: dict[str, torch.Tensor] | None = None) -> dict[str, dict[int, float]]:
-    """Layer name -> width -> cost under ``signal`` (``fisher`` needs the output gradients)."""
-    if signal == FISHER:
-        return {n: {b: fisher_cost(r, gradients[n]) for b, r in e.candidates.items()} for n, e in errors.items()}
+def objective_costs(errors: dict[str, RowErrors]) -> dict[str, dict[int, float]]:
+    """Layer name -> width -> relative output error."""
     return {n: {b: objective_cost(r, e.energy) for b, r in e.candidates.items()} for n, e in errors.items()}
+
+
+def candidate_errors(W: torch.Tensor, grid: GridConfig, candidates: tuple[int, ...]) -> torch.Tensor:
+    """``[len(candidates) * d_out, d_in]``: the round-to-nearest error of ``W`` on each candidate grid,
+    stacked by width, so that one product gives a token's output errors at every width."""
+    W32 = W.detach().float()
+    return torch.cat([rtn(W32, dataclasses.replace(grid, bits=b)) - W32 for b in candidates])
 
 
 def row_errors_of(W: torch.Tensor, H: torch.Tensor, grid: GridConfig, candidates: tuple[int, ...]) -> RowErrors:
@@ -110,21 +111,37 @@ def row_errors(model, family, layers: list[Layer], ids: torch.Tensor, grid: Grid
     return out
 
 
-def output_gradients(model, layers: list[Layer], ids: torch.Tensor, device, batch_size: int, ranks: Ranks = SINGLE,
-                     cancel=None, progress=None) -> dict[str, torch.Tensor]:
-    """Layer name -> ``E[g_i^2]`` per output channel, ``g`` the gradient of each window's summed token loss
-    with respect to the layer's output, over every position of the windows ``ids``.
+def fisher_costs(model, layers: list[Layer], ids: torch.Tensor, grid: GridConfig, candidates: tuple[int, ...],
+                 device, batch_size: int, ranks: Ranks = SINGLE, cancel=None, progress=None,
+                 grid_progress=None) -> dict[str, dict[int, float]]:
+    """Layer name -> width -> ``fisher`` cost over every position of the windows ``ids``.
 
-    The model's parameters are frozen for the pass: the graph starts at the embeddings' output, so no
+    The candidates' errors are made first (the ``[len(candidates) * d_out, d_in]`` stack of every layer
+    is kept for the pass: four float32 copies of the quantized weights for the default widths). The
+    model's parameters are frozen for the pass: the graph starts at the embeddings' output, so no
     weight gradient is made, only the activations' (the whole model sits on ``device`` for it).
     """
-    sums = {l.name: torch.zeros(l.d_out, dtype=torch.float64, device=device) for l in layers}
+    errors = {}
+    for i, l in enumerate(layers):
+        if grid_progress is not None:
+            grid_progress(i, len(layers))
+        _check(cancel)
+        errors[l.name] = candidate_errors(model.get_submodule(l.name).weight.to(device), grid, candidates)
+    if grid_progress is not None:
+        grid_progress(len(layers), len(layers))
+    sums = {l.name: torch.zeros(len(candidates), dtype=torch.float64, device=device) for l in layers}
 
     def watch(name):
-        def on_gradient(g):
-            sums[name].add_(g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).double())
+        stack = errors[name]
 
         def on_output(module, inputs, output):
+            x = inputs[0].detach()
+
+            def on_gradient(g):
+                e = (x.reshape(-1, x.shape[-1]).float() @ stack.T).view(-1, len(candidates), g.shape[-1])
+                g2 = g.detach().float().reshape(-1, 1, g.shape[-1]).pow(2)
+                sums[name].add_((e.pow_(2) * g2).sum((0, 2)).double())
+
             output.register_hook(on_gradient)
         return on_output
 
@@ -158,5 +175,5 @@ def output_gradients(model, layers: list[Layer], ids: torch.Tensor, device, batc
             p.requires_grad_(t)
         model.to("cpu")
     ranks.sum_(*sums.values())
-    positions = ranks.sum_numbers(positions)[0]
-    return {name: (s / max(positions, 1)).cpu() for name, s in sums.items()}
+    positions = max(ranks.sum_numbers(positions)[0], 1)
+    return {name: {b: 0.5 * float(v) / positions for b, v in zip(candidates, s.cpu())} for name, s in sums.items()}

@@ -17,8 +17,8 @@ from ..errors import WorkbenchError
 from ..progress import phase_progress
 from .allocate import allocate
 from .overrides import apply_overrides, parse_override
-from .plan import Layer, Plan, check_plan, measure_plan, read_plan, run_layers
-from .sensitivity import FISHER, layer_costs, output_gradients, row_errors
+from .plan import BUDGET_WIDTHS, Layer, Plan, check_plan, measure_plan, read_plan, run_layers
+from .sensitivity import FISHER, OBJECTIVE, fisher_costs, objective_costs, row_errors
 from .sizes import MB, average_bits, packed_bytes
 
 
@@ -105,17 +105,42 @@ def tied_items(layers: list[Layer], family, split: bool) -> list[list[Layer]]:
     return list(items.values())
 
 
+def allocation_widths(cfg, layers: list[Layer], room: int) -> tuple[int, ...]:
+    """The widths a budget chooses from: the given candidates, or else the two of ``BUDGET_WIDTHS`` whose
+    uniform plans of ``layers`` lie either side of ``room`` bytes (one if a uniform plan fits it exactly
+    or none is above it).
+
+    Only neighbours by default, because the costs add up second-order estimates of each layer's error
+    alone: measured on GPTQ at 3.5 bits, plans of 3 and 4 bits beat plans that may also take 2 and 8
+    (README, "Mixed precision"); the far widths trade a layer's large error for another's small one, where
+    the estimates are least right.
+    """
+    if cfg.candidate_bits:
+        return cfg.candidates()
+    sizes = {b: sum(_size(l, b, cfg) for l in layers) for b in BUDGET_WIDTHS}
+    below = [b for b in BUDGET_WIDTHS if sizes[b] <= room] or [BUDGET_WIDTHS[0]]
+    above = [b for b in BUDGET_WIDTHS if sizes[b] >= room] or [BUDGET_WIDTHS[-1]]
+    return tuple(sorted({max(below), min(above)}))
+
+
 def measure_costs(model, family, layers: list[Layer], ids, cfg, device, signals=(FISHER,), ranks: Ranks = SINGLE,
-                  on_event=None, cancel=None) -> dict[str, dict[str, dict[int, float]]]:
-    """Signal -> layer -> width -> cost, for the layers' candidate widths on the run's grid (``ids``:
-    calibration windows; the model in full precision, on the CPU, where it is left)."""
-    errors = row_errors(model, family, layers, ids, cfg.grid(), cfg.candidates(), device, cfg.batch_size, ranks,
-                        cancel, phase_progress(on_event, "sensitivity: layer errors", "block"))
-    gradients = None
+                  on_event=None, cancel=None, widths: tuple[int, ...] | None = None
+                  ) -> dict[str, dict[str, dict[int, float]]]:
+    """Signal -> layer -> width -> cost, for ``widths`` (default: every width of ``cfg.candidates()``) on the
+    run's grid (``ids``: calibration windows, of which ``fisher`` takes the first
+    ``cfg.sensitivity_samples``; the model in full precision, on the CPU, where it is left)."""
+    widths = widths or cfg.candidates()
+    out = {}
+    if OBJECTIVE in signals:
+        errors = row_errors(model, family, layers, ids, cfg.grid(), widths, device, cfg.batch_size, ranks,
+                            cancel, phase_progress(on_event, "sensitivity: layer errors", "block"))
+        out[OBJECTIVE] = objective_costs(errors)
     if FISHER in signals:
-        gradients = output_gradients(model, layers, ids, device, cfg.batch_size, ranks, cancel,
-                                     phase_progress(on_event, "sensitivity: loss gradients", "batch"))
-    return {s: layer_costs(errors, s, gradients) for s in signals}
+        out[FISHER] = fisher_costs(model, layers, ids[:cfg.sensitivity_samples], cfg.grid(), widths, device,
+                                   cfg.batch_size, ranks, cancel,
+                                   phase_progress(on_event, "sensitivity: loss gradients", "batch"),
+                                   phase_progress(on_event, "sensitivity: candidate grids", "layer"))
+    return {s: out[s] for s in signals}
 
 
 def make_plan(request: Request, model, family, ids, cfg, device, ranks: Ranks = SINGLE, on_event=None,
@@ -132,19 +157,20 @@ def make_plan(request: Request, model, family, ids, cfg, device, ranks: Ranks = 
         return Plan(bits, {**base, **measure_plan(bits, request.layers, cfg.group_size, cfg.symmetric),
                            "layers": bits}), {}
     free = [l for l in request.layers if l.name not in request.fixed]
-    candidates = cfg.candidates()
+    room = request.budget - sum(_size(l, b, cfg) for l in request.layers if (b := request.fixed.get(l.name)))
+    candidates = allocation_widths(cfg, free, room)
     t0 = time.perf_counter()
     known, costs = costs, {}
     if known is not None:
         costs = {l.name: known[l.name] for l in free}
     elif free:
         if on_event is not None:
-            on_event(Event("phase", message=f"sensitivity ({cfg.sensitivity}) of {len(free)} layers"))
+            on_event(Event("phase", message=f"sensitivity ({cfg.sensitivity}) of {len(free)} layers at "
+                                            f"{', '.join(map(str, candidates))} bits"))
         costs = measure_costs(model, family, free, ids, cfg, device, (cfg.sensitivity,), ranks, on_event,
-                              cancel)[cfg.sensitivity]
+                              cancel, candidates)[cfg.sensitivity]
     t1 = time.perf_counter()
     items = tied_items(free, family, cfg.split_fused)
-    room = request.budget - sum(_size(l, b, cfg) for l in request.layers if (b := request.fixed.get(l.name)))
     # within budget: request_of refused a budget below the smallest plan before any work
     found = allocate([[sum(costs[l.name][b] for l in item) for b in candidates] for item in items],
                      [[sum(_size(l, b, cfg) for l in item) for b in candidates] for item in items], room)
@@ -155,7 +181,7 @@ def make_plan(request: Request, model, family, ids, cfg, device, ranks: Ranks = 
     t2 = time.perf_counter()
     bits = {l.name: bits[l.name] for l in request.layers}       # in the run's order
     record = {**base, "budget": request.given, "budget_bytes": request.budget, "sensitivity": cfg.sensitivity,
-              "candidates": list(candidates), "split_fused": cfg.split_fused, "exact": found.exact,
+              "candidates": list(candidates), "candidates_given": bool(cfg.candidate_bits), "split_fused": cfg.split_fused, "exact": found.exact,
               "predicted_cost": found.cost, **measure_plan(bits, request.layers, cfg.group_size, cfg.symmetric),
               "costs": {n: {str(b): c for b, c in by_bits.items()} for n, by_bits in costs.items()}, "layers": bits}
     return Plan(bits, record), {"sensitivity": t1 - t0, "allocation": t2 - t1}

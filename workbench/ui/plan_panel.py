@@ -36,7 +36,7 @@ from .exposure import EXPOSURE
 from .form import FACE, Form, component
 from .views import TabView, connect_cancel, error_text, message_html, progress_html
 
-FIELDS = ("avg_bits", "sensitivity", "candidate_bits", "split_fused", "keep_bits")
+FIELDS = ("avg_bits", "sensitivity", "sensitivity_samples", "candidate_bits", "split_fused", "keep_bits")
 WIDTHS = [str(b) for b in range(BITS_RANGE[0], BITS_RANGE[1] + 1)]
 # binds plotly's click on the heatmap (drawn anew by every plan) to the hidden field #wb-plan-cell
 CELL_CLICKS = """() => {

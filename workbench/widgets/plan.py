@@ -24,7 +24,7 @@ from ..mixed.plan import write_plan
 from ..planning import Draft, costs_key, describe, make_draft, pin_item
 from .common import FACE, STYLE, LiveFigure, RunWidget, SettingsForm, setting_widget, shown_figure
 
-FIELDS = ("avg_bits", "sensitivity", "candidate_bits", "split_fused", "keep_bits")
+FIELDS = ("avg_bits", "sensitivity", "sensitivity_samples", "candidate_bits", "split_fused", "keep_bits")
 WIDTHS = [str(b) for b in range(BITS_RANGE[0], BITS_RANGE[1] + 1)]
 
 
