@@ -117,7 +117,7 @@ def fisher_costs(model, layers: list[Layer], ids: torch.Tensor, grid: GridConfig
     """Layer name -> width -> ``fisher`` cost over every position of the windows ``ids``.
 
     The candidates' errors are made first (the ``[len(candidates) * d_out, d_in]`` stack of every layer
-    is kept for the pass: four float32 copies of the quantized weights for the default widths). The
+    is kept for the pass: a float32 copy of the quantized weights per width). The
     model's parameters are frozen for the pass: the graph starts at the embeddings' output, so no
     weight gradient is made, only the activations' (the whole model sits on ``device`` for it).
     """

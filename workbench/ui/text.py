@@ -48,10 +48,11 @@ per-KV-head input factor); under grouped-query attention the query heads of one 
 their factor, so their lines coincide. The **scatter** puts each quantized layer's error against its spectrum."""
 
 PLAN = """**A width per layer.** Layers differ in how much of their rounding error reaches the loss. **Make
-plan** measures what each layer would cost the model at every candidate width (one pass over the
-calibration windows, and with *fisher* one backward pass) and gives each layer the width that costs
-least within the **Average bits** budget, counted as pack-quantized stores the layers (codes, scales and
-zero points). The plan replaces the **Bits** field; group size, symmetry and the rest come from the form.
+plan** measures what each layer would cost the model at every candidate width (with *fisher*, one
+forward and backward pass over the first **Sensitivity windows** of the calibration; with *objective*,
+one pass over them all) and gives each layer the width that costs least within the **Average bits**
+budget, counted as pack-quantized stores the layers (codes, scales and zero points). With **Candidate
+bits** empty, each layer takes one of the two widths either side of the budget (3 or 4 for 3.5 bits). The plan replaces the **Bits** field; group size, symmetry and the rest come from the form.
 **The heatmap** shows each layer's width (blocks down, layer kinds across; hover for the predicted
 costs, * marks a pinned width). Click a cell (or choose the **Layer**), choose its **Bits** and **Pin
 this width**: the rest of the budget is spent again at once from the costs already measured, as it is
