@@ -15,7 +15,10 @@ For a layer with d_in = d_out = d on synthetic data:
   the correction 13/3 d^3 and the scale refinement 2 d^3 (the grid search is not counted: it is
   no matmul);
 * old against new in the same process, for GPTQ: the column loop of tensor operations (eager,
-  what ran before the C loop) and the C loop; the sequential MSE search and the screened one.
+  what ran before the C loop) and the C loop; the sequential MSE search and the screened one;
+* the value Hessian of one KV head group, ``sum_h X^T A_h^T A_h X``, in the forms it could take,
+  for one batch of the embedded model's attention (4 x 512 tokens, 9 query / 3 KV heads, d 576):
+  milliseconds and the largest error against a float64 reference, relative to the largest entry.
 
 Times are the least of ``--repeat`` runs after one untimed run; the exponent is the least-squares
 slope of log time against log d.
@@ -29,7 +32,8 @@ from functools import partial
 
 import torch
 
-from workbench.hessians import InputCovariance
+from workbench.attention_hessians import probs_gram
+from workbench.hessians import InputCovariance, add_gram, add_upper_product, symmetric_from_upper
 from workbench.methods import method_spec
 from workbench.quant import grid as grid_module
 from workbench.quant import native
@@ -119,6 +123,67 @@ def old_and_new(W: torch.Tensor, H: torch.Tensor, grid: GridConfig, timed) -> di
             "grid screened": timed(lambda: group_params(W3, grid))}
 
 
+def causal_apply(A: torch.Tensor, x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``A @ x`` for causal ``A [b, h, L, L]``: a chunk of query rows reads the keys up to its last row
+    (the form the value Hessian took before ``probs_gram``)."""
+    b, h, L, _ = A.shape
+    step = -(-L // chunks)
+    return torch.cat([(A[:, :, i0:i0 + step, :i0 + step].reshape(b, -1, min(L, i0 + step)) @ x[:, :i0 + step])
+                      .reshape(b, h, -1, x.shape[-1]) for i0 in range(0, L, step)], dim=2)
+
+
+def value_hessian_forms(timed, b: int = 4, L: int = 512, heads: int = 9, kv: int = 3, d: int = 576) -> list:
+    """``(form, ms, relative error)`` per way of computing the value Hessians of one batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, L, d, generator=g)
+    logits = torch.randn(b, heads, L, L, generator=g).masked_fill_(torch.ones(L, L, dtype=torch.bool).triu(1), -math.inf)
+    A = torch.softmax(logits, -1)
+    group = heads // kv
+    ref = torch.einsum("bhts,bsd->bhtd", A.double(), x.double())
+    ref = torch.einsum("bgtd,bgte->gde", ref.reshape(b, kv, group * L, d), ref.reshape(b, kv, group * L, d))
+
+    def through_probs_gram(chunks: int):     # the engine's: X^T (sum_h A_h^T A_h) X
+        def run():
+            acc = torch.zeros(kv, d, d, dtype=torch.float64)
+            Z = (probs_gram(A, group, chunks) @ x.unsqueeze(1)).transpose(0, 1).reshape(kv, b * L, d)
+            add_upper_product(acc, x.reshape(b * L, d), Z)
+            return symmetric_from_upper(acc)
+        return run
+
+    def gram_of(Y, dtype=torch.float32):
+        acc = torch.zeros(kv, d, d, dtype=torch.float64)
+        for y in Y.to(dtype).view(b, kv, group * L, d):
+            add_gram(acc, y)
+        return symmetric_from_upper(acc)
+
+    def einsum():
+        Y = torch.einsum("bhts,bsd->bhtd", A, x).reshape(b, kv, group * L, d)
+        return torch.einsum("bgtd,bgte->gde", Y, Y).double()
+
+    def baddbmm():
+        Y = (A @ x.unsqueeze(1)).reshape(b * kv, group * L, d)
+        acc = torch.zeros(kv, d, d)
+        for i in range(b):
+            acc.baddbmm_(Y[i * kv:(i + 1) * kv].transpose(1, 2), Y[i * kv:(i + 1) * kv])
+        return acc.double()
+
+    A16, x16 = A.bfloat16(), x.bfloat16()
+    forms = {"X^T (sum_h A_h^T A_h) X, 8 causal chunks (the engine's)": through_probs_gram(8),
+             "the same, 4 chunks": through_probs_gram(4),
+             "the same, 16 chunks": through_probs_gram(16),
+             "heads' inputs A_h X in 8 causal chunks, upper-block Gram (before)": lambda: gram_of(causal_apply(A, x, 8)),
+             "heads' inputs as one full product, upper-block Gram": lambda: gram_of(A @ x.unsqueeze(1)),
+             "einsum for both products": einsum,
+             "baddbmm_ into a float32 sum": baddbmm,
+             "bfloat16 products (heads' inputs, Gram), float64 sum": lambda: gram_of(causal_apply(A16, x16, 8),
+                                                                                    torch.bfloat16)}
+    rows = []
+    for name, fn in forms.items():
+        err = float((fn() - ref).abs().max() / ref.abs().max())
+        rows.append((name, 1e3 * timed(fn), err))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="512,1024,2048,4096", help="d_in = d_out of the layer (comma-separated)")
@@ -126,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="gptq,turboboa")
     p.add_argument("--repeat", type=int, default=3, help="runs per timing; the least is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--skip-value-forms", action="store_true", help="leave out the value Hessian's forms")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="cpu: this process's CPU time, steadier than wall time on a shared machine (with --threads 1)")
     args = p.parse_args(argv)
@@ -178,6 +244,13 @@ def main(argv=None) -> int:
         print(f"| {d} | {r['loop eager']:.3f} | {r['loop C']:.3f} | {r['loop eager'] / r['loop C']:.1f}x | "
               f"{r['grid sequential']:.3f} | {r['grid screened']:.3f} | "
               f"{r['grid sequential'] / r['grid screened']:.1f}x |", flush=True)
+
+    if not args.skip_value_forms:
+        print("\nThe value Hessian of one batch (4 x 512 tokens, 9 query / 3 KV heads, d 576):\n")
+        print("| form | ms | max error / max entry |")
+        print("| --- | --- | --- |")
+        for name, ms, err in value_hessian_forms(timed):
+            print(f"| {name} | {ms:.1f} | {err:.1e} |", flush=True)
 
     if len(sizes) > 1:
         print("\nexponent of time against d:")

@@ -86,10 +86,39 @@ def test_boa_attention_error_below_gptq_on_tiny_llama(tiny_checkpoints):
     assert err["boa"] < err["gptq"]
 
 
-@pytest.mark.parametrize("L,chunks", [(7, 3), (16, 16), (5, 8)])
-def test_causal_apply_equals_the_full_product(L, chunks):
-    from workbench.attention_hessians import causal_apply
+@pytest.mark.parametrize("L,chunks,group", [(7, 3, 3), (16, 16, 1), (5, 8, 2), (9, 1, 2)])
+def test_probs_gram_equals_the_sum_of_the_heads_products(L, chunks, group):
+    from workbench.attention_hessians import probs_gram
     g = torch.Generator().manual_seed(L)
-    A = torch.randn(2, 3, L, L, generator=g).tril()
-    x = torch.randn(2, L, 4, generator=g)
-    assert torch.allclose(causal_apply(A, x, chunks), A @ x.unsqueeze(1), atol=1e-5)
+    A = torch.randn(2, 2 * group, L, L, generator=g).tril()
+    want = torch.stack([sum(A[:, h].transpose(-1, -2) @ A[:, h] for h in range(kv * group, (kv + 1) * group))
+                        for kv in range(2)], dim=1)
+    out = torch.full((2, 2, L, L), float("nan"))      # a reused buffer's old contents must not leak in
+    got = probs_gram(A, group, chunks, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@torch.no_grad()
+def test_held_position_moments_give_the_factors_of_one_batch_at_a_time(monkeypatch):
+    """Queries and keys are held and their moments added in one product; holding none (a flush per
+    batch) and holding all give the same factors."""
+    import workbench.attention_hessians as ah
+    model = tiny_llama(seed=2)
+    family = family_for(model.config)
+    geo = family.geometry(model.config)
+    attn = family.attention(family.blocks(model)[0])
+    batches = [torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    ctx = family.context(model, batches[0])
+    got = {}
+    for cap in (1, 1 << 40):
+        monkeypatch.setattr(ah, "PENDING_BYTES", cap)
+        acc = AttentionHessians(geo, 8, batches[0].shape[-1], "cpu")
+        for x in batches:
+            q, k, _ = family.qkv(attn, x, ctx)
+            acc.add(x, q, k, attn.scaling)
+        assert len(acc._pending) == (0 if cap == 1 else len(batches))
+        got[cap] = acc.finish(ctx[0][0], ctx[1][0])
+    for kind in ("q", "k"):
+        assert torch.allclose(got[1][kind]["H_out"], got[1 << 40][kind]["H_out"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[1]["v"]["H_in"], got[1 << 40]["v"]["H_in"])

@@ -14,11 +14,16 @@ def add_gram(acc: torch.Tensor, y: torch.Tensor, blocks: int = 3):
     The product is symmetric, so a third of it is skipped; ``symmetric_from_upper`` completes
     ``acc`` when it is read. On 2 cores: 50 -> 34 ms for d = 1536 and 2048 rows.
     """
+    add_upper_product(acc, y, y, blocks)
+
+
+def add_upper_product(acc: torch.Tensor, y: torch.Tensor, z: torch.Tensor, blocks: int = 3):
+    """``acc += y^T z`` on the diagonal and upper blocks only, for a product known to be symmetric
+    (``y^T z = z^T y``, as for ``z = M y`` with a symmetric ``M``)."""
     d = acc.shape[-1]
     width = -(-d // blocks)
     for i0 in range(0, d, width):
-        yi = y[..., i0:i0 + width]
-        acc[..., i0:i0 + width, i0:].add_(yi.transpose(-1, -2) @ y[..., i0:])
+        acc[..., i0:i0 + width, i0:].add_(y[..., i0:i0 + width].transpose(-1, -2) @ z[..., i0:])
 
 
 def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
