@@ -10,7 +10,8 @@ only, so only ``G`` is accumulated: ``[n_kv_heads, L, d, d]`` float64 sums per l
 
 Value of KV head g: ``H_in^g = sum_{h in g} E[X A_h^T A_h X^T]`` (``[n_kv_heads, d_in, d_in]``),
 taken as ``X^T M_g X`` with ``M_g = sum_{h in g} A_h^T A_h`` (``L x L``, causal and symmetric), which
-needs about 37% fewer multiply-adds than the heads' inputs ``A_h X`` and their Gram matrix; its output factor is the identity or ``mean_h W_O,h^T W_O,h`` (``[n_kv_heads, d, d]``).
+needs about 37% fewer multiply-adds than the heads' inputs ``A_h X`` and their Gram matrix; its
+output factor is the identity or ``mean_h W_O,h^T W_O,h`` (``[n_kv_heads, d, d]``).
 Memory per block: 2 x n_kv x L x d^2 (G for keys and queries) + n_kv x d_in^2 (value), 8 bytes each.
 """
 from __future__ import annotations
@@ -64,8 +65,9 @@ def probs_gram(A: torch.Tensor, group: int, chunks: int = 8, out: torch.Tensor |
 
     Column block ``c0:c1`` of ``A^T A`` only reads the rows from ``c0`` on (``A`` is zero above its
     diagonal) and only its rows up to ``c1`` are computed, the rest being the mirror: about a
-    quarter of the full product's multiply-adds. 8 chunks: on 2 cores, for L = 512, 9 / 3 heads,
-    d = 576, the value Hessian of a batch of 4 takes 85 ms against 104 (4 chunks) and 108 (16).
+    quarter of the full product's multiply-adds. On 2 cores, for L = 512, 9 / 3 heads, d = 576, the
+    value Hessian of a batch of 4 takes about 75 ms with 4, 8 or 16 chunks, against 112 ms for the
+    heads' inputs ``A_h X`` and their Gram matrix (``benchmarks/scaling.py``).
     ``out`` (``[b, n_kv, L, L]``), when given, is reused.
     """
     b, h, L, _ = A.shape
