@@ -84,6 +84,37 @@ def test_refinement_never_increases_the_loss(seed, with_out):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("d_head", [5, 8, 19])
+def test_refinement_is_row_by_row_coordinate_descent(d_head):
+    """The sweep's products taken a block of rows at a time give the scales of the plain row-by-row
+    descent, which recomputes every row's coupling from the whole error."""
+    B, C, gw = 2, 12, 4
+    G = C // gw
+    g = torch.Generator().manual_seed(d_head)
+    W = torch.randn(B, d_head, C, generator=g)
+    codes = torch.randint(0, 4, (B, d_head, C), generator=g).float()
+    zero = torch.full((B, d_head, G), 1.5)
+    scale = torch.rand(B, d_head, G, generator=g) + 0.5
+    H_in, H_out = spd(C, d_head, batch=B), spd(d_head, d_head + 1, batch=B)
+
+    centred = codes - expand_groups(zero, C)
+    want = scale.clone()
+    for _ in range(2):
+        for r in range(d_head):
+            dW = centred * expand_groups(want, C) - W
+            h = H_out[:, r, r]
+            target = h[:, None] * W[:, r] - (torch.einsum("bk,bkc->bc", H_out[:, r], dW) - h[:, None] * dW[:, r])
+            Br = torch.zeros(B, G, C)          # the row's centred codes placed in its groups
+            for j in range(G):
+                Br[:, j, j * gw:(j + 1) * gw] = centred[:, r, j * gw:(j + 1) * gw]
+            lhs = h[:, None, None] * Br @ H_in @ Br.transpose(1, 2)
+            new = torch.linalg.solve(lhs, (Br @ H_in @ target.unsqueeze(-1))).squeeze(-1)
+            ok = (new > 0).all(-1, keepdim=True)
+            want[:, r] = torch.where(ok, new, want[:, r])
+    got = refine_scales(codes, scale, zero, W, H_in, H_out, gw, 2)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_turboboa_options_beat_boa_on_random_problems():
     wins = 0
     for seed in range(6):

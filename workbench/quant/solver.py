@@ -221,6 +221,9 @@ def dx_corrected_target(W: torch.Tensor, H_in: torch.Tensor, cross: torch.Tensor
     return W + alpha * (W @ correction)
 
 
+REFINE_ROWS = 8      # rows of a head whose coupling to the rest is taken in one product per refinement sweep
+
+
 def refine_scales(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, W: torch.Tensor,
                   H_in: torch.Tensor, H_out: torch.Tensor | None, group_width: int, sweeps: int) -> torch.Tensor:
     """Exact coordinate descent on the row scales with the integer codes fixed.
@@ -251,17 +254,22 @@ def refine_scales(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
         rhs = (BH * W.unsqueeze(2)).sum(-1)
         new = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
         return accept(scale, new, empty)
-    W_hat = centred * expand_groups(scale, C)
+    dW = centred * expand_groups(scale, C) - W
     for _ in range(sweeps):
-        for r in range(R):
-            dW = W_hat - W
-            h_rr = H_out[:, r, r].unsqueeze(-1)                                # [B, 1]
-            others = (H_out[:, r].unsqueeze(-1) * dW).sum(1) - h_rr * dW[:, r]  # sum_{b != r} h_rb dW_b
-            target = h_rr * W[:, r] - others                                   # [B, C]
-            rhs = (BH[:, r] * target.unsqueeze(1)).sum(-1)                     # [B, G]
-            new = torch.linalg.solve(h_rr.unsqueeze(-1) * gram[:, r], rhs.unsqueeze(-1)).squeeze(-1)
-            scale[:, r] = accept(scale[:, r], new, empty[:, r])
-            W_hat[:, r] = centred[:, r] * expand_groups(scale[:, r], C)
+        for r0 in range(0, R, REFINE_ROWS):
+            r1 = min(R, r0 + REFINE_ROWS)
+            # sum_b h_rb dW_b for the block's rows in one product, then kept current row by row: a
+            # product over the whole layer per row made the sweep memory-bound on large layers
+            P = H_out[:, r0:r1] @ dW                                               # [B, r1 - r0, C]
+            for r in range(r0, r1):
+                h_rr = H_out[:, r, r].unsqueeze(-1)                                # [B, 1]
+                target = h_rr * W[:, r] - (P[:, r - r0] - h_rr * dW[:, r])         # h_rr W_r - sum_{b != r} h_rb dW_b
+                rhs = (BH[:, r] * target.unsqueeze(1)).sum(-1)                     # [B, G]
+                new = torch.linalg.solve(h_rr.unsqueeze(-1) * gram[:, r], rhs.unsqueeze(-1)).squeeze(-1)
+                scale[:, r] = accept(scale[:, r], new, empty[:, r])
+                row = centred[:, r] * expand_groups(scale[:, r], C) - W[:, r]
+                P.add_(H_out[:, r0:r1, r].unsqueeze(-1) * (row - dW[:, r]).unsqueeze(1))
+                dW[:, r] = row
     return scale
 
 
