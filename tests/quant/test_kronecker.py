@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from workbench.quant.grid import GridConfig, expand_groups, quantize_codes
+from workbench.quant.grid import GridConfig, expand_groups
 from workbench.quant.solver import (SolverConfig, damped, dx_corrected_target, inverse_cholesky_upper,
                                     kronecker_loss, refine_scales, row_compensation, solve)
 
