@@ -99,7 +99,6 @@ def test_probs_gram_equals_the_sum_of_the_heads_products(L, chunks, group):
     assert torch.allclose(got, want, atol=1e-5)
 
 
-
 @torch.no_grad()
 def test_position_moments_do_not_depend_on_the_batches():
     """The moments of float32 queries and keys are summed in float64 with exact products, so one
